@@ -1,0 +1,296 @@
+"""The one config tree of a run: pydantic models, loaded from YAML with dotted overrides.
+
+Every schedule constant of the pipeline lives here; code takes a config object and never reads a
+constant of its own. Unknown keys are errors (``extra="forbid"``), at every level.
+
+    cfg = load_config("conf/demo.yaml", ["train.iterations=200", "workers.sam.num_workers=4"])
+
+The resolved config (after overrides) is written to the run folder as ``config.yaml`` and into every
+checkpoint as a plain dict (``cfg.model_dump(mode="json")``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the cases are and how they are split."""
+
+    root: Path
+    """An MSD/nnU-Net folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) or a folder of UA-MT h5 files."""
+    format: Literal["msd", "h5"] = "msd"
+    split_file: Path | None = None
+    """JSON with ``test`` and ``train_order`` (first ``num_labeled`` labeled, the rest unlabeled)."""
+    num_labeled: int | None = Field(default=None, ge=1)
+    labeled: list[str] | None = None
+    """Explicit case ids; used instead of a split file when given (with ``unlabeled`` and ``test``)."""
+    unlabeled: list[str] | None = None
+    test: list[str] | None = None
+    max_unlabeled: int | None = Field(default=None, ge=0)
+    """Keep only the first N unlabeled cases (for quick runs); None keeps all."""
+    max_test: int | None = Field(default=None, ge=0)
+    slice_axis: int = Field(default=0, ge=0, le=2)
+    """Array axis of the (X, Y, Z) volume that 2D slices are taken along (for the 2D model and SAM)."""
+    normalization: Literal["zscore", "minmax"] = "zscore"
+
+    @model_validator(mode="after")
+    def _split_given(self) -> DataConfig:
+        if self.split_file is None and self.labeled is None:
+            raise ValueError("give data.split_file (with data.num_labeled) or data.labeled/unlabeled/test")
+        if self.split_file is not None and self.num_labeled is None:
+            raise ValueError("data.split_file needs data.num_labeled (the first k of train_order are labeled)")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The specialist network."""
+
+    kind: Literal["unet2d", "unet3d"] = "unet2d"
+    base_channels: int = Field(default=16, ge=2)
+    """Channels of the first level; doubled at each downsampling (SSL4MIS's U-Net uses 16)."""
+    depth: int = Field(default=3, ge=1, le=5)
+    """Number of downsamplings; inputs are padded to a multiple of 2**depth."""
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    patch_size: list[int] = Field(default_factory=lambda: [64, 64])
+    """Training crop: 2 numbers (in-slice) for unet2d, 3 for unet3d; smaller volumes are zero-padded."""
+
+    @model_validator(mode="after")
+    def _patch_matches_kind(self) -> ModelConfig:
+        want = 2 if self.kind == "unet2d" else 3
+        if len(self.patch_size) != want:
+            raise ValueError(f"model.patch_size needs {want} numbers for {self.kind}, got {self.patch_size}")
+        return self
+
+
+class ConsistencyConfig(_Strict):
+    """Teacher-student consistency (Mean Teacher, UA-MT)."""
+
+    weight: float = Field(default=0.1, ge=0.0)
+    rampup_iterations: int = Field(default=200, ge=0)
+    """Sigmoid ramp length (Laine & Aila), in global training iterations."""
+    ema_decay: float = Field(default=0.99, ge=0.0, le=1.0)
+    noise_std: float = Field(default=0.1, ge=0.0)
+    noise_clip: float = Field(default=0.2, ge=0.0)
+    uamt_passes: int = Field(default=4, ge=1)
+    """Stochastic teacher passes for the UA-MT uncertainty (SSL4MIS uses 8)."""
+    uamt_threshold_start: float = 0.75
+    uamt_threshold_end: float = 1.0
+    """Uncertainty threshold ramps from start to end (times ln(num_classes)), as in UA-MT."""
+
+
+class PseudoLabelConfig(_Strict):
+    """The SemiSAM term: supervision of the student by the stored generalist masks."""
+
+    enabled: bool = True
+    weight: float = Field(default=0.5, ge=0.0)
+    rampup_iterations: int = Field(default=100, ge=0)
+    """Sigmoid ramp length, counted from the first iteration that has pseudo-labels."""
+    min_sam_score: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Gate: drop a slice whose mean generalist score is below this (0 keeps all)."""
+    min_teacher_agreement: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Gate: drop a slice whose pseudo-label Dice with the teacher's prediction is below this."""
+
+
+class TrainConfig(_Strict):
+    """One training round of the specialist."""
+
+    method: Literal["supervised", "mean_teacher", "uamt"] = "mean_teacher"
+    iterations: int = Field(default=200, ge=1)
+    """Iterations per round; the same budget every round."""
+    labeled_batch_size: int = Field(default=4, ge=1)
+    unlabeled_batch_size: int = Field(default=4, ge=0)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    foreground_crop_probability: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Chance that a training crop is centred on foreground of a labeled case (small organs need it)."""
+    log_every: int = Field(default=50, ge=1)
+
+
+class PromptConfig(_Strict):
+    """How prompts are built from the specialist's prediction (never from a label)."""
+
+    num_random_positive: int = Field(default=2, ge=0)
+    """Random positive points in the largest component, besides its most interior point."""
+    num_negative: int = Field(default=2, ge=0)
+    """Negative points drawn from the box surroundings outside the predicted class."""
+    use_box: bool = True
+    box_margin: int = Field(default=2, ge=0)
+    """Pixels added on each side of the bounding box (clipped to the image)."""
+    use_mask_prompt: bool = False
+    """Also pass the specialist's class logits as SAM's low-resolution mask prompt."""
+    min_component_pixels: int = Field(default=4, ge=1)
+    """A class whose largest predicted component is smaller than this gets no prompt on that slice."""
+
+
+class SamConfig(_Strict):
+    """A ``segment_anything`` model (SAM ViT-H/L/B, MedSAM ViT-B, or the tiny test variant)."""
+
+    variant: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
+    checkpoint: Path | None = None
+    """State dict file; required. Loaded with ``weights_only=True`` and ``map_location``."""
+    image_size: int | None = None
+    """Encoder input size; None means the variant's own (1024 for ViT, 64 for tiny)."""
+    pixel_mean: list[float] = Field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = Field(default_factory=lambda: [58.395, 57.12, 57.375])
+    """SAM's ImageNet normalisation; MedSAM checkpoints use the same numbers after its own 0-255 scaling."""
+    window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
+    """Intensity window of a slice mapped to 0..255 (per slice, robust to MR outliers)."""
+    embed_batch_size: int = Field(default=8, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class ClassicalConfig(_Strict):
+    """The weight-free baseline generalist: a random walker seeded by the prompts."""
+
+    beta: float = Field(default=130.0, gt=0)
+    """Random-walker edge weight exp(-beta * grad^2), skimage's default."""
+    box_outside_is_background: bool = True
+    """Seed every pixel outside the (margined) box as background."""
+    background_ring: int = Field(default=3, ge=0)
+    """Extra background seeds: a ring this many pixels outside the box (0 turns it off)."""
+
+
+class GeneralistConfig(_Strict):
+    backend: Literal["sam", "classical"] = "sam"
+    sam: SamConfig = Field(default_factory=SamConfig)
+    classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
+    cache_embeddings: bool = True
+    """Embed each slice once and reuse the embedding in every later round (SAM is frozen)."""
+    cache_dtype: Literal["float16", "float32"] = "float16"
+
+
+class ActorResources(_Strict):
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads inside the actor; None keeps torch's default (Ray sets OMP_NUM_THREADS)."""
+
+
+class SamPoolConfig(ActorResources):
+    num_workers: int = Field(default=2, ge=1)
+    cases_per_task: int = Field(default=1, ge=1)
+    """Cases sent to an actor in one call; cases are assigned by a stable hash so embeddings stay local."""
+
+
+class WorkersConfig(_Strict):
+    address: str | None = None
+    """Ray address to connect to; None connects to RAY_ADDRESS when set (``ray job submit``), else starts a local cluster."""
+    local_num_cpus: int | None = None
+    """CPUs of a locally started cluster (None: all of this machine's)."""
+    local_num_gpus: int | None = None
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    """Dashboard binds to localhost unless you say otherwise: it can run code on the cluster."""
+    trainer: ActorResources = Field(default_factory=ActorResources)
+    sam: SamPoolConfig = Field(default_factory=SamPoolConfig)
+
+
+class EvalConfig(_Strict):
+    hd_percentile: float = Field(default=95.0, gt=0, le=100)
+    audit_pseudo_labels: bool = False
+    """Benchmarks only: score pseudo-labels and specialist predictions against the hidden labels of
+    unlabeled cases. The result is written to the run folder and never reaches training or prompts."""
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: Path = Path("runs")
+    """The run folder is ``output_dir/name``; rerunning the same folder resumes it."""
+    rounds: int = Field(default=2, ge=1)
+    """Round 0 trains without pseudo-labels; rounds 1.. relabel with the previous checkpoint, then train."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda:0 when torch sees a GPU (inside a Ray actor that is its own GPU), else cpu."""
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    generalist: GeneralistConfig = Field(default_factory=GeneralistConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        from pipeline.data.case_ids import check_case_id  # noqa: I001
+
+        check_case_id(v, what="run name")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.iterations=200"`` -> ``("train.iterations", 200)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key, yaml.safe_load(raw) if raw != "" else None
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a plain dict into a RunConfig; errors name the key path and the source."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {loc}: unknown key")
+            else:
+                lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate.
+
+    Relative data/checkpoint paths stay relative to the current directory (as typed by the user).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, source=str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (paths as strings)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,28 @@
+"""Errors a user can act on. Each message names the file, case or key and what is wrong."""
+
+from __future__ import annotations
+
+
+class SemisamError(Exception):
+    """Base of every error meant for the user (the CLI prints these without a traceback)."""
+
+
+class ConfigError(SemisamError):
+    """A config file, key or override is wrong."""
+
+
+class DatasetError(SemisamError):
+    """The dataset on disk is incomplete or inconsistent; the message lists every problem found."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        head = f"dataset check failed ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"
+        super().__init__("\n  ".join([head, *self.problems]))
+
+
+class CheckpointError(SemisamError):
+    """A model checkpoint is missing, unreadable or does not match the model it is loaded into."""
+
+
+class StoreError(SemisamError):
+    """The pseudo-label store or a run folder is missing or inconsistent."""
