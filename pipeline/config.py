@@ -144,6 +144,9 @@ class SamConfig(_Strict):
     """State dict file; required. Loaded with ``weights_only=True`` and ``map_location``."""
     image_size: int | None = None
     """Encoder input size; None means the variant's own (1024 for ViT, 64 for tiny)."""
+    preprocess: Literal["sam", "medsam"] = "sam"
+    """sam: resize the longest side to image_size, pad, ImageNet mean/std (SAM). medsam: resize to a
+    square image_size, scale to [0, 1], no mean/std (MedSAM's own inference)."""
     pixel_mean: list[float] = Field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = Field(default_factory=lambda: [58.395, 57.12, 57.375])
     """SAM's ImageNet normalisation; MedSAM checkpoints use the same numbers after its own 0-255 scaling."""

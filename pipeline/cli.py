@@ -1,0 +1,123 @@
+"""The ``semisam`` command: thin parsers over typed functions.
+
+    semisam run CONFIG [key.sub=value ...]   run or resume a run (starts a local Ray unless one is reachable)
+    semisam inspect STORE [--png DIR]        per-round table of a pseudo-label store (+ overlay pictures)
+    semisam eval RUN                         per-round test metrics of a run folder
+    semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
+    semisam validate ROOT                    check an MSD/nnU-Net dataset folder and list every problem
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import SemisamError
+
+log = logging.getLogger("semisam")
+
+
+def _out(text: str) -> None:
+    """Results for the user go to stdout (logs go to stderr)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.coordinator import run
+    from pipeline.reports import rounds_table
+
+    cfg = load_config(args.config, args.overrides)
+    summaries = run(cfg)
+    _out(f"run folder: {cfg.run_dir}")
+    _out(rounds_table(summaries))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.reports import inspect_table, write_overlays
+
+    _out(inspect_table(Path(args.store)))
+    if args.png:
+        paths = write_overlays(Path(args.store), Path(args.png), num_slices=args.num_slices, round_index=args.round)
+        _out(f"wrote {len(paths)} pictures to {args.png}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.reports import eval_table
+
+    _out(eval_table(Path(args.run)))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipeline.data.synthetic import write_synthetic_msd
+    from pipeline.generalist.sam import save_tiny_sam
+
+    out = Path(args.out)
+    write_synthetic_msd(out, num_cases=args.cases, seed=args.seed)
+    save_tiny_sam(out / "tiny_sam.pt", seed=args.seed)
+    _out(f"wrote {args.cases} synthetic cases and tiny_sam.pt to {out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.data.validate import validate_dataset
+
+    info = validate_dataset(Path(args.root), args.format)
+    labeled = sum(c.label is not None for c in info.cases.values())
+    _out(f"{args.root}: {len(info.cases)} cases ({labeled} labeled), labels {info.labels}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semisam", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run or resume a run")
+    r.add_argument("config", help="YAML config, e.g. conf/demo.yaml")
+    r.add_argument("overrides", nargs="*", help="dotted overrides such as train.iterations=200")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="summarise a pseudo-label store")
+    i.add_argument("store", help="the store folder, e.g. runs/demo/pseudo_labels")
+    i.add_argument("--png", metavar="DIR", help="also write overlay pictures of a few slices here")
+    i.add_argument("--round", type=int, default=None, help="round for the pictures (default: the last)")
+    i.add_argument("--num-slices", type=int, default=6)
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="per-round test metrics of a run folder")
+    e.add_argument("run", help="the run folder, e.g. runs/demo")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo-data", help="write the synthetic dataset and a tiny SAM checkpoint")
+    d.add_argument("out", nargs="?", default="data/demo")
+    d.add_argument("--cases", type=int, default=12)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo_data)
+
+    v = sub.add_parser("validate", help="check a dataset folder")
+    v.add_argument("root")
+    v.add_argument("--format", choices=["msd", "h5"], default="msd")
+    v.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SemisamError as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

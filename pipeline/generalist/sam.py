@@ -1,0 +1,231 @@
+"""SAM through ``segment_anything``'s own model classes: ViT-H/L/B, MedSAM ViT-B, and a tiny variant.
+
+``segment_anything.build_sam`` hard-codes a 1024 input and loads checkpoints without ``map_location`` or
+``weights_only``; here the same classes are composed from a table of sizes, and checkpoints are read with
+``torch.load(..., map_location="cpu", weights_only=True)`` (a state dict, never a pickled object).
+
+Frames: a slice is ``(H, W)``. SAM preprocessing resizes its longest side to ``image_size`` (``(h', w')``
+= the *input size*) and pads to a square; MedSAM preprocessing resizes to the square directly. Points
+``(x, y)`` and boxes ``XYXY`` are scaled by ``(w'/W, h'/H)`` into the input frame. The image embedding is
+``(C, E, E)`` with ``E = image_size / patch_size`` (256 x 64 x 64 for ViT at 1024).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from pipeline.atomic import atomic_torch_save
+from pipeline.config import SamConfig
+from pipeline.errors import CheckpointError
+from pipeline.generalist.base import DecodeResult, SlicePrompt
+from pipeline.generalist.windowing import window_to_uint8
+
+log = logging.getLogger(__name__)
+
+# Sizes of each variant. The ViT rows are segment_anything's build_sam.py numbers; "tiny" is the same
+# architecture at test size (random weights; a few hundred kB).
+SAM_VARIANTS: dict[str, dict] = {
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn=(7, 15, 23, 31), image_size=1024,
+                  patch_size=16, window_size=14, prompt_dim=256, decoder_mlp=2048, decoder_heads=8),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn=(5, 11, 17, 23), image_size=1024,
+                  patch_size=16, window_size=14, prompt_dim=256, decoder_mlp=2048, decoder_heads=8),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn=(2, 5, 8, 11), image_size=1024,
+                  patch_size=16, window_size=14, prompt_dim=256, decoder_mlp=2048, decoder_heads=8),
+    "tiny": dict(embed_dim=32, depth=2, num_heads=2, global_attn=(1,), image_size=64,
+                 patch_size=8, window_size=4, prompt_dim=32, decoder_mlp=64, decoder_heads=2),
+}
+
+
+def build_sam_model(variant: str, image_size: int | None = None,
+                    pixel_mean: list[float] | None = None, pixel_std: list[float] | None = None) -> Sam:
+    """A ``segment_anything.modeling.Sam`` of the given variant with random weights, in eval mode."""
+    if variant not in SAM_VARIANTS:
+        raise CheckpointError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS)}")
+    v = SAM_VARIANTS[variant]
+    size = image_size or v["image_size"]
+    if size % v["patch_size"]:
+        raise CheckpointError(f"image_size {size} is not a multiple of the patch size {v['patch_size']}")
+    emb = size // v["patch_size"]
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=v["depth"], embed_dim=v["embed_dim"], img_size=size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=v["num_heads"],
+            patch_size=v["patch_size"], qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=v["global_attn"], window_size=v["window_size"], out_chans=v["prompt_dim"],
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=v["prompt_dim"], image_embedding_size=(emb, emb), input_image_size=(size, size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=v["prompt_dim"], mlp_dim=v["decoder_mlp"],
+                                          num_heads=v["decoder_heads"]),
+            transformer_dim=v["prompt_dim"], iou_head_depth=3, iou_head_hidden_dim=v["prompt_dim"],
+        ),
+        pixel_mean=pixel_mean or [123.675, 116.28, 103.53],
+        pixel_std=pixel_std or [58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def save_tiny_sam(path: Path, seed: int = 0) -> Path:
+    """Write a tiny SAM with random weights as a plain state dict (the test/demo 'checkpoint')."""
+    torch.manual_seed(seed)
+    atomic_torch_save(build_sam_model("tiny").state_dict(), Path(path))
+    return Path(path)
+
+
+def _guess_variant(state: dict) -> str | None:
+    w = state.get("image_encoder.patch_embed.proj.weight")
+    if not isinstance(w, torch.Tensor):
+        return None
+    for name, v in SAM_VARIANTS.items():
+        if w.shape[0] == v["embed_dim"]:
+            return name
+    return None
+
+
+def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
+    """Build the configured variant and load its checkpoint (required) onto ``device``."""
+    if cfg.checkpoint is None:
+        raise CheckpointError(
+            f"generalist.sam.checkpoint is not set (variant {cfg.variant}); weights cannot be downloaded here: "
+            "point it at a SAM/MedSAM .pth file, or run `semisam demo-data` for a tiny random-weight one"
+        )
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"SAM checkpoint {path} does not exist (generalist.sam.checkpoint)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"SAM checkpoint {path} cannot be read as a weights-only state dict: {e}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # some fine-tuned checkpoints (e.g. MedSAM training) wrap the state dict
+    if not isinstance(state, dict):
+        raise CheckpointError(f"SAM checkpoint {path} does not hold a state dict")
+    sam = build_sam_model(cfg.variant, cfg.image_size, cfg.pixel_mean, cfg.pixel_std)
+    try:
+        sam.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        guess = _guess_variant(state)
+        hint = f"; it looks like a {guess} checkpoint" if guess and guess != cfg.variant else ""
+        first = str(e).splitlines()[0]
+        raise CheckpointError(
+            f"SAM checkpoint {path} does not match variant {cfg.variant}{hint} ({first})"
+        ) from None
+    return sam.to(device)
+
+
+class SamGeneralist:
+    """Embed slices with SAM's image encoder; decode prompts with its prompt encoder and mask decoder."""
+
+    cacheable = True
+
+    def __init__(self, sam: Sam, cfg: SamConfig, device: torch.device):
+        self.sam, self.cfg, self.device = sam, cfg, device
+        self.name = f"sam-{cfg.variant}" + ("-medsam" if cfg.preprocess == "medsam" else "")  # = factory.generalist_name
+        self.image_size = sam.image_encoder.img_size
+        self.encoder_calls = 0  # images through the image encoder (benchmarks count these)
+        self.decoder_calls = 0  # prompts through the mask decoder
+
+    # -- frames ------------------------------------------------------------------------------------
+    def input_size(self, slice_shape: tuple[int, int]) -> tuple[int, int]:
+        """(h', w'): the slice's size inside the encoder input, before padding."""
+        h, w = slice_shape
+        if self.cfg.preprocess == "medsam":
+            return self.image_size, self.image_size
+        scale = self.image_size / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def _scale_xy(self, slice_shape: tuple[int, int]) -> np.ndarray:
+        h, w = slice_shape
+        ih, iw = self.input_size(slice_shape)
+        return np.array([iw / w, ih / h], dtype=np.float32)
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- the costly step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, slices: np.ndarray) -> np.ndarray:
+        """slices float32 (B, H, W) -> embeddings float32 (B, C, E, E)."""
+        out = []
+        lo, hi = self.cfg.window_percentiles
+        for start in range(0, len(slices), self.cfg.embed_batch_size):
+            batch = slices[start:start + self.cfg.embed_batch_size]
+            size = self.input_size(batch.shape[1:])
+            grey = np.stack([window_to_uint8(s, (lo, hi)) for s in batch]).astype(np.float32)
+            x = torch.from_numpy(grey)[:, None].to(self.device)
+            x = F.interpolate(x, size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+            if self.cfg.preprocess == "medsam":
+                mn = x.amin(dim=(1, 2, 3), keepdim=True)
+                mx = x.amax(dim=(1, 2, 3), keepdim=True)
+                x = (x - mn) / (mx - mn).clamp_min(1e-8)
+            else:
+                x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+            x = F.pad(x, (0, self.image_size - size[1], 0, self.image_size - size[0]))
+            with self._autocast():
+                emb = self.sam.image_encoder(x)
+            self.encoder_calls += len(batch)
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out)
+
+    # -- the cheap step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, embedding: np.ndarray, slice_shape: tuple[int, int], prompts: list[SlicePrompt]) -> DecodeResult:
+        """One slice's embedding (C, E, E) and P prompts -> masks/scores/logits at the slice's (H, W)."""
+        h, w = slice_shape
+        if not prompts:
+            return DecodeResult(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, h, w), np.float32))
+        scale = self._scale_xy(slice_shape)
+        n_pts = max(len(p.points_xy) for p in prompts)
+        points = None
+        if n_pts:
+            pts = np.zeros((len(prompts), n_pts, 2), np.float32)
+            lab = -np.ones((len(prompts), n_pts), np.int64)  # -1 = padding, ignored by SAM's prompt encoder
+            for i, p in enumerate(prompts):
+                k = len(p.points_xy)
+                pts[i, :k] = (np.asarray(p.points_xy, np.float32) + 0.5) * scale  # pixel centres
+                lab[i, :k] = p.point_labels
+            points = (torch.from_numpy(pts).to(self.device), torch.from_numpy(lab).to(self.device))
+        boxes = None
+        if all(p.box_xyxy is not None for p in prompts):
+            b = np.stack([np.asarray(p.box_xyxy, np.float32) for p in prompts])
+            b[:, 2:] += 1.0  # inclusive pixel box -> continuous extent
+            boxes = torch.from_numpy(b * np.tile(scale, 2)).to(self.device)
+        masks_in = None
+        if all(p.mask_logits is not None for p in prompts):
+            masks_in = self._mask_prompt(np.stack([p.mask_logits for p in prompts]), slice_shape)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
+        emb = torch.from_numpy(np.asarray(embedding, np.float32))[None].to(self.device)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=emb, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        self.decoder_calls += len(prompts)
+        logits = self.sam.postprocess_masks(low_res, self.input_size(slice_shape), (h, w))[:, 0]
+        logits_np = logits.float().cpu().numpy()
+        return DecodeResult(
+            masks=logits_np > self.sam.mask_threshold,
+            scores=iou[:, 0].float().clamp(0, 1).cpu().numpy(),
+            logits=logits_np,
+        )
+
+    def _mask_prompt(self, logits: np.ndarray, slice_shape: tuple[int, int]) -> torch.Tensor:
+        """Specialist logit maps (P, H, W) -> SAM's low-res mask input (P, 1, 4E, 4E) in the padded frame."""
+        x = torch.from_numpy(logits.astype(np.float32))[:, None].to(self.device)
+        ih, iw = self.input_size(slice_shape)
+        x = F.interpolate(x, (ih, iw), mode="bilinear", align_corners=False)
+        x = F.pad(x, (0, self.image_size - iw, 0, self.image_size - ih), value=float(x.min()))
+        return F.interpolate(x, self.sam.prompt_encoder.mask_input_size, mode="bilinear", align_corners=False)

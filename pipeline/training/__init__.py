@@ -1,0 +1,1 @@
+"""Training the specialist: one loop, methods as strategies, pure schedules and losses."""

@@ -1,0 +1,190 @@
+"""The one training loop of the specialist, for every method.
+
+Each iteration: a two-stream batch (``labeled_batch_size`` labeled crops + ``unlabeled_batch_size``
+unlabeled crops), one student forward pass over both, then
+
+    loss = sup(CE+Dice on labeled) + strategy.consistency(unlabeled) + w_pl(t) * pseudo(CE+Dice vs SAM masks)
+
+an optimizer step, and the EMA update of the teacher. The pseudo-label term uses only stored generalist
+masks (never labels of unlabeled cases), gated per slice by the generalist's score and per sample by
+agreement with the teacher, and ramped from the first iteration that had pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.models.unet import UNet, build_model, model_args
+from pipeline.training.losses import ce_dice_loss
+from pipeline.training.ramps import ramped_weight
+from pipeline.training.sampling import sample_crop
+from pipeline.training.strategies import UnlabeledBatch, make_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainVolume:
+    """One case in memory. image float32 (X, Y, Z), normalised; label uint8 (X, Y, Z) or None (unlabeled)."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None = None
+
+
+@dataclass
+class PseudoLabel:
+    """Stored generalist masks of an unlabeled case, in the volume's axis order.
+
+    labels uint8 (X, Y, Z); slice_weight float32 (S,) along ``slice_axis``: 1 keeps a slice, 0 drops it
+    (gating by generalist score, decided when the pseudo-labels are loaded).
+    """
+
+    labels: np.ndarray
+    slice_weight: np.ndarray
+
+
+def _foreground_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Dice of foreground (any class > 0) between two label maps (B, *S); 1 when both empty."""
+    a, b = (a > 0).flatten(1).float(), (b > 0).flatten(1).float()
+    inter, total = (a * b).sum(1), a.sum(1) + b.sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+class SpecialistTrainer:
+    """Student, EMA teacher, optimizer and step counter; ``train`` runs one round of iterations."""
+
+    def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device):
+        self.cfg, self.device, self.num_classes = cfg, device, num_classes
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.model_args = model_args(cfg.model, num_classes)
+        self.student: UNet = build_model(self.model_args).to(device)
+        self.teacher: UNet = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        t = cfg.train
+        if t.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.student.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        self.strategy = make_strategy(t.method, t.consistency)
+        self.step = 0
+        self.first_pseudo_step: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "first_pseudo_step": -1 if self.first_pseudo_step is None else self.first_pseudo_step,
+            "rng": self.rng.bit_generator.state["state"]["state"] % (2**63),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        fps = int(state["first_pseudo_step"])
+        self.first_pseudo_step = None if fps < 0 else fps
+        self.rng = np.random.default_rng([self.cfg.seed, int(state["rng"])])
+
+    # -- training ------------------------------------------------------------------------------
+    def _batch(self, vols: list[TrainVolume], n: int, pseudo: dict[str, PseudoLabel] | None, labeled: bool):
+        cfg = self.cfg
+        xs, ys, ws = [], [], []
+        for _ in range(n):
+            v = vols[int(self.rng.integers(len(vols)))]
+            if labeled:
+                crop = sample_crop(v.image, v.label, None, tuple(cfg.model.patch_size), cfg.data.slice_axis,
+                                   self.rng, cfg.train.foreground_crop_probability)
+            else:
+                pl = None if pseudo is None else pseudo.get(v.case_id)
+                weight = None
+                if pl is not None:
+                    shape = [1, 1, 1]
+                    shape[cfg.data.slice_axis] = -1
+                    weight = np.broadcast_to(pl.slice_weight.reshape(shape), v.image.shape)
+                crop = sample_crop(v.image, None if pl is None else pl.labels, weight, tuple(cfg.model.patch_size),
+                                   cfg.data.slice_axis, self.rng, 0.0)
+                if crop.target is None:  # no pseudo-label for this case yet: excluded from the pseudo term
+                    crop.target = np.zeros(crop.image.shape, np.uint8)
+                    crop.weight = np.zeros(crop.image.shape, np.float32)
+            xs.append(crop.image)
+            ys.append(crop.target)
+            ws.append(crop.weight)
+        x = torch.from_numpy(np.stack(xs))[:, None].to(self.device)
+        y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(self.device)
+        w = None if labeled else torch.from_numpy(np.stack(ws)).to(self.device)
+        return x, y, w
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        alpha = min(1.0 - 1.0 / (self.step + 1), self.cfg.train.consistency.ema_decay)
+        for tp, sp in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+            tp.mul_(alpha).add_(sp.detach(), alpha=1 - alpha)
+        for tb, sb in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
+            tb.copy_(sb)
+
+    def train(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume],
+              pseudo: dict[str, PseudoLabel] | None, iterations: int) -> dict[str, float]:
+        """Run ``iterations`` steps; returns the mean of each logged loss over the round."""
+        t = self.cfg.train
+        pl_cfg = t.pseudo_label
+        use_pseudo = bool(pseudo) and pl_cfg.enabled and pl_cfg.weight > 0
+        n_unl = t.unlabeled_batch_size if unlabeled else 0
+        if not self.strategy.uses_teacher and not use_pseudo:
+            n_unl = 0  # supervised without pseudo-labels: unlabeled crops would not be used
+        if use_pseudo and self.first_pseudo_step is None:
+            self.first_pseudo_step = self.step
+        self.student.train()
+        self.teacher.train()
+        totals: dict[str, float] = {}
+        for _ in range(iterations):
+            xl, yl, _ = self._batch(labeled, t.labeled_batch_size, None, labeled=True)
+            if n_unl:
+                xu, yu, wu = self._batch(unlabeled, n_unl, pseudo if use_pseudo else None, labeled=False)
+                logits = self.student(torch.cat([xl, xu]))
+                logits_l, logits_u = logits[: len(xl)], logits[len(xl):]
+            else:
+                logits_l = self.student(xl)
+            sup = ce_dice_loss(logits_l, yl)
+            loss = sup
+            logs = {"sup": float(sup)}
+            if n_unl and self.strategy.uses_teacher:
+                cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher)
+                loss = loss + cons
+                logs.update(extra)
+            if n_unl and use_pseudo:
+                if pl_cfg.min_teacher_agreement > 0:
+                    with torch.no_grad():
+                        agree = _foreground_dice(self.teacher(xu).argmax(1), yu)
+                    keep = (agree >= pl_cfg.min_teacher_agreement).float()
+                    wu = wu * keep.view(-1, *([1] * (wu.dim() - 1)))
+                    logs["pl_kept"] = float(keep.mean())
+                w_pl = ramped_weight(pl_cfg.weight, self.step - self.first_pseudo_step, pl_cfg.rampup_iterations)
+                if float(wu.sum()) > 0:
+                    pl_loss = ce_dice_loss(logits_u, yu, wu)
+                    loss = loss + w_pl * pl_loss
+                    logs["pseudo"] = float(pl_loss)
+                logs["pseudo_weight"] = w_pl
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            self._ema_update()
+            logs["loss"] = float(loss)
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + v
+            if self.step % t.log_every == 0:
+                log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+        return {k: v / iterations for k, v in totals.items()}

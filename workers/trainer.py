@@ -1,0 +1,106 @@
+"""The trainer actor: trains the specialist, publishes versioned checkpoints, evaluates on the test split.
+
+Checkpoint N is written after round N as ``checkpoints/ckpt_NNNN.pt`` (atomic rename) and its student
+weights are returned through the Ray object store for the SAM pool (``weights``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from pipeline.data.dataset import load_image, load_label, read_dataset_info
+from pipeline.data.splits import resolve_split
+from pipeline.evaluation import EvalVolume, evaluate_model
+from pipeline.store import PseudoLabelStore
+from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
+from workers.common import process_info, start_worker
+
+log = logging.getLogger(__name__)
+
+
+class TrainerWorker:
+    def __init__(self, cfg_dict: dict):
+        self.cfg, self.device = start_worker(cfg_dict, "trainer")
+        cfg = self.cfg
+        self.info = read_dataset_info(cfg.data.root, cfg.data.format)
+        self.split = resolve_split(cfg.data, self.info)
+        self.class_ids = self.info.foreground_classes
+        norm = cfg.data.normalization
+        self.labeled = [TrainVolume(c, load_image(self.info, c, norm)[0], load_label(self.info, c)) for c in self.split.labeled]
+        # Unlabeled cases: images only. Their labels, if the files exist, are never opened here.
+        self.unlabeled = [TrainVolume(c, load_image(self.info, c, norm)[0]) for c in self.split.unlabeled]
+        self.test = []
+        for c in self.split.test:
+            image, spacing = load_image(self.info, c, norm)
+            self.test.append(EvalVolume(c, image, load_label(self.info, c), spacing))
+        self.trainer = SpecialistTrainer(cfg, self.info.num_classes, self.device)
+        self.version = -1
+        log.info("trainer on %s: %d labeled, %d unlabeled, %d test cases", self.device,
+                 len(self.labeled), len(self.unlabeled), len(self.test))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def restore(self, version: int) -> int:
+        """Load checkpoint ``version`` of this run (resume)."""
+        ckpt = load_checkpoint(checkpoint_path(self.cfg.run_dir, version), expect_model_args=self.trainer.model_args)
+        self.trainer.load_state_dict(ckpt["trainer"])
+        self.version = version
+        return version
+
+    def publish(self, version: int) -> str:
+        """Write checkpoint ``version`` atomically; returns its path."""
+        path = checkpoint_path(self.cfg.run_dir, version)
+        save_checkpoint(path, version, self.trainer.state_dict(), self.trainer.model_args, self.cfg)
+        self.version = version
+        return str(path)
+
+    def weights(self) -> dict:
+        """The student's state dict (CPU tensors), for the SAM pool through the object store."""
+        return {k: v.detach().cpu() for k, v in self.trainer.student.state_dict().items()}
+
+    def model_args(self) -> dict:
+        return dict(self.trainer.model_args)
+
+    # -- work ------------------------------------------------------------------------------------
+    def load_pseudo_labels(self, round_index: int) -> dict[str, PseudoLabel]:
+        """The generalist masks of ``round_index`` for the unlabeled cases, gated by generalist score."""
+        store = PseudoLabelStore(self.cfg.run_dir / "pseudo_labels")
+        min_score = self.cfg.train.pseudo_label.min_sam_score
+        out = {}
+        for v in self.unlabeled:
+            stored = store.read_case(round_index, v.case_id)
+            scores = stored["scores"]  # (S, K), NaN where a class was not prompted
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(np.where(np.isnan(scores), np.nan, scores), axis=1) if scores.size else np.zeros(0)
+            # A slice without any prompt (NaN) is kept: its pseudo-label is background, which the
+            # specialist itself predicted there. Prompted slices must reach the score threshold.
+            keep = np.where(np.isnan(mean), 1.0, (mean >= min_score).astype(np.float32)).astype(np.float32)
+            labels = np.moveaxis(stored["pseudo_label"], 0, self.cfg.data.slice_axis)
+            out[v.case_id] = PseudoLabel(np.ascontiguousarray(labels), keep)
+        return out
+
+    def train_round(self, round_index: int, pseudo_round: int | None) -> dict:
+        pseudo = self.load_pseudo_labels(pseudo_round) if pseudo_round is not None else None
+        stats = self.trainer.train(self.labeled, self.unlabeled, pseudo, self.cfg.train.iterations)
+        if pseudo:
+            kept = np.concatenate([p.slice_weight for p in pseudo.values()])
+            stats["pseudo_slices_kept"] = float(kept.mean()) if kept.size else float("nan")
+        stats["step"] = self.trainer.step
+        return stats
+
+    def evaluate(self, round_index: int) -> pd.DataFrame:
+        """Evaluate the student on the test split; also written to ``eval/round_NNN.parquet``."""
+        df = evaluate_model(self.trainer.student, self.test, self.cfg, self.class_ids, self.device)
+        df.insert(0, "round", round_index)
+        out = Path(self.cfg.run_dir) / "eval" / f"round_{round_index:03d}.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(out, index=False)
+        return df
+
+    def process_info(self) -> dict:
+        return process_info()
+
