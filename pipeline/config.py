@@ -128,8 +128,9 @@ class PromptConfig(_Strict):
     num_negative: int = Field(default=2, ge=0)
     """Negative points drawn from the box surroundings outside the predicted class."""
     use_box: bool = True
-    box_margin: int = Field(default=2, ge=0)
-    """Pixels added on each side of the bounding box (clipped to the image)."""
+    box_margin: int = Field(default=3, ge=0)
+    """Pixels added on each side of the bounding box (clipped to the image). A tight box cuts through an
+    organ the specialist under-segments; 3 px measured better than 2 with the classical generalist."""
     use_mask_prompt: bool = False
     """Also pass the specialist's class logits as SAM's low-resolution mask prompt."""
     min_component_pixels: int = Field(default=4, ge=1)
@@ -161,8 +162,9 @@ class ClassicalConfig(_Strict):
 
     beta: float = Field(default=130.0, gt=0)
     """Random-walker edge weight exp(-beta * grad^2), skimage's default."""
-    box_outside_is_background: bool = True
-    """Seed every pixel outside the (margined) box as background."""
+    box_outside_is_background: bool = False
+    """Seed every pixel outside the (margined) box as background. Off by default: when the specialist is
+    shifted or under-segments, a hard box boundary cut the organ (Dice 0.63 vs 0.95 with the ring only)."""
     background_ring: int = Field(default=3, ge=0)
     """Extra background seeds: a ring this many pixels outside the box (0 turns it off)."""
 

@@ -6,7 +6,8 @@
 - label 1 (foreground) at the positive points,
 - label 2 (background) at the negative points, on every pixel outside the box
   (``box_outside_is_background``), and on a rectangle ``background_ring`` pixels outside the box (the
-  sides of it that fall inside the slice); when no background seed results, the slice border is used.
+  sides of it that fall inside the slice); when the box gives no background seed (no box, or neither
+  option applies), the slice border is seeded as background too.
 
 Positives win where a positive and a background seed fall on the same pixel. ``mask = p_fg > 0.5``
 restricted to the box, ``score`` = mean ``p_fg`` inside the mask (0 when empty), ``logits`` =
@@ -82,10 +83,12 @@ def _walk(data: np.ndarray, seeds: np.ndarray, scale: float | None) -> np.ndarra
     """Foreground probability float64 (h, w) of the random walk on ``data`` with ``seeds`` (0 / FG / BG).
 
     scale: the weight scale ``beta / (10 * std)`` wanted (None: the slice is flat, all weights equal).
-    ``seeds`` must hold both labels. Returns None (and logs) when skimage fails or answers oddly.
+    Returns None (and logs) when skimage fails or answers in an unexpected shape.
     """
-    if not (seeds == 0).any():
-        return (seeds == _FG).astype(np.float64)
+    if not (seeds == 0).any() or not (seeds == _FG).any() or not (seeds == _BG).any():
+        # Nothing to solve, or one label only (skimage would answer in another shape): the seeds decide,
+        # unseeded pixels follow the only label present.
+        return np.where(seeds == 0, float((seeds == _FG).any()), (seeds == _FG).astype(np.float64))
     std = float(data.std())
     if scale is None or std == 0.0:
         # No gradient anywhere: every edge weight equal. A checkerboard has the same |gradient| on every
@@ -103,7 +106,7 @@ def _walk(data: np.ndarray, seeds: np.ndarray, scale: float | None) -> np.ndarra
             prob = random_walker(data, seeds, beta=beta, mode=mode, return_full_prob=True)
         for w in caught:
             log.debug("random_walker: %s", w.message)
-    except Exception as e:  # noqa: BLE001 - a failed walk yields an empty mask, never a crashed worker
+    except Exception as e:  # a failed walk yields an empty mask, never a crashed worker
         log.warning("random_walker failed (%s: %s); returning an empty mask", type(e).__name__, e)
         return None
     prob = np.asarray(prob, dtype=np.float64)
@@ -172,16 +175,16 @@ class RandomWalkerGeneralist:
                 seeds[~in_box] = _BG
             if self.cfg.background_ring > 0:
                 seeds[_ring(shape, box, self.cfg.background_ring)] = _BG
-        seeds[neg[:, 0], neg[:, 1]] = _BG
-        seeds[pos[:, 0], pos[:, 1]] = _FG
         if not (seeds == _BG).any():
+            # No background from the box: the slice border is background (a few negative points alone
+            # leave the rest of the slice floating between the labels).
             border = np.zeros(shape, dtype=bool)
             border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
-            seeds[border & (seeds != _FG)] = _BG
+            seeds[border] = _BG
+        seeds[neg[:, 0], neg[:, 1]] = _BG
+        seeds[pos[:, 0], pos[:, 1]] = _FG
 
-        if not (seeds == _BG).any():
-            prob = np.ones(shape)  # only foreground seeds (a slice of a few pixels): all foreground
-        elif box is not None and self.cfg.box_outside_is_background:
+        if box is not None and self.cfg.box_outside_is_background:
             # Solve on the box grown by one pixel only; see the module docstring.
             r0, c0, r1, c1 = box
             sl = (slice(max(r0 - 1, 0), min(r1 + 2, shape[0])), slice(max(c0 - 1, 0), min(c1 + 2, shape[1])))
