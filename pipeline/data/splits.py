@@ -1,0 +1,126 @@
+"""Which cases are labeled, unlabeled and test in a run.
+
+From a split file (JSON ``{"test": [...], "train_order": [...]}``; the first ``num_labeled`` of
+``train_order`` are labeled, the rest unlabeled) or from explicit ``data.labeled/unlabeled/test``.
+Only file listings are used here: no label file is opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.data.case_ids import check_case_id
+from pipeline.data.dataset import DatasetInfo
+from pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Case ids of the three disjoint parts of a run, in their configured order."""
+
+    labeled: list[str]
+    unlabeled: list[str]
+    test: list[str]
+
+    @property
+    def all_cases(self) -> list[str]:
+        """labeled + unlabeled + test, in that order."""
+        return [*self.labeled, *self.unlabeled, *self.test]
+
+
+def _read_split_file(path: Path) -> tuple[list[str], list[str]]:
+    """(test, train_order) of a split file; ConfigError naming the file and key when malformed."""
+    if not path.is_file():
+        raise ConfigError(f"split file {path} does not exist")
+    try:
+        tree = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"split file {path} is not valid JSON: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"split file {path} must hold a JSON object with 'test' and 'train_order'")
+    parts = []
+    for key in ("test", "train_order"):
+        value = tree.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"split file {path}: {key!r} must be a list of case id strings")
+        parts.append(value)
+    return parts[0], parts[1]
+
+
+def _suggest(case_id: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(case_id, known, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+
+
+def _check(parts: dict[str, list[str]], info: DatasetInfo, source: str, problems: list[str]) -> None:
+    """Append a message per bad id, repeated id, unknown id and labeled/test case without label."""
+    known = list(info.cases)
+    seen: dict[str, str] = {}
+    for part, ids in parts.items():
+        for case_id in ids:
+            try:
+                check_case_id(case_id)
+            except ConfigError as e:
+                problems.append(f"{source} ({part}): {e}")
+                continue
+            if case_id in seen:
+                where = "twice in" if seen[case_id] == part else f"in both {seen[case_id]} and"
+                problems.append(f"{source}: case {case_id!r} appears {where} {part}")
+                continue
+            seen[case_id] = part
+            files = info.cases.get(case_id)
+            if files is None:
+                problems.append(f"{source} ({part}): case {case_id!r} is not in the dataset {info.root}"
+                                f"{_suggest(case_id, known)}")
+            elif part in ("labeled", "test") and files.label is None:
+                problems.append(f"{source} ({part}): case {case_id!r} has no label file "
+                                f"(its image is {files.image})")
+
+
+def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
+    """The run's split, checked against the dataset; ConfigError listing every problem.
+
+    Explicit ``cfg.labeled`` takes precedence over ``cfg.split_file``; with explicit lists, a missing
+    ``unlabeled`` means every dataset case not labeled or test, and a missing ``test`` means none.
+    ``cfg.max_unlabeled`` / ``cfg.max_test`` keep the first N after all checks.
+    """
+    problems: list[str] = []
+    if cfg.labeled is not None:
+        if cfg.split_file is not None:
+            logger.warning("data.labeled is given: ignoring data.split_file %s", cfg.split_file)
+        source = "data.labeled/unlabeled/test"
+        labeled, test = list(cfg.labeled), list(cfg.test or [])
+        if cfg.unlabeled is not None:
+            unlabeled = list(cfg.unlabeled)
+        else:
+            taken = set(labeled) | set(test)
+            unlabeled = [c for c in info.cases if c not in taken]
+        if not labeled:
+            problems.append(f"{source}: data.labeled is empty; a run needs at least one labeled case")
+    else:
+        if cfg.split_file is None or cfg.num_labeled is None:
+            raise ConfigError("give data.split_file with data.num_labeled, or data.labeled/unlabeled/test")
+        source = f"split file {cfg.split_file}"
+        test, train_order = _read_split_file(Path(cfg.split_file))
+        if cfg.num_labeled > len(train_order):
+            problems.append(f"{source}: num_labeled={cfg.num_labeled} but train_order has only "
+                            f"{len(train_order)} cases")
+        labeled, unlabeled = train_order[: cfg.num_labeled], train_order[cfg.num_labeled :]
+    _check({"labeled": labeled, "unlabeled": unlabeled, "test": test}, info, source, problems)
+    if problems:
+        raise ConfigError(f"bad split ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
+                          + "\n  ".join(problems))
+    if cfg.max_unlabeled is not None:
+        unlabeled = unlabeled[: cfg.max_unlabeled]
+    if cfg.max_test is not None:
+        test = test[: cfg.max_test]
+    logger.info("split from %s: %d labeled, %d unlabeled, %d test", source, len(labeled), len(unlabeled),
+                len(test))
+    return Split(labeled=labeled, unlabeled=unlabeled, test=test)

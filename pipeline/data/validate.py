@@ -1,0 +1,116 @@
+"""Checks of a dataset and a split before any work starts; every problem is collected and reported once.
+
+Leak rule: the label files of unlabeled cases are never opened here unless
+``check_unlabeled_labels=True`` (benchmark audits only), so a run's view of an unlabeled case is its
+image alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.data.dataset import (
+    DatasetInfo,
+    load_image,
+    load_label,
+    read_dataset_info,
+    read_image_shape,
+    read_label_shape,
+)
+from pipeline.data.splits import Split
+from pipeline.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+def _orphan_problems(info: DatasetInfo) -> list[str]:
+    images = info.root / "imagesTr"
+    return [f"{path}: label file has no image (looked for {images}/<id>.nii.gz and <id>_0000.nii.gz)"
+            for path in info.orphan_labels]
+
+
+def _check_image(info: DatasetInfo, case_id: str, problems: list[str]) -> tuple[int, int, int] | None:
+    """Header shape, then a full read for readability and finite values; None if unusable."""
+    try:
+        shape = read_image_shape(info, case_id)
+        load_image(info, case_id, normalization="minmax")
+    except DatasetError as e:
+        problems.extend(e.problems)
+        return None
+    return shape
+
+
+def _check_label(info: DatasetInfo, case_id: str, image_shape: tuple[int, int, int] | None,
+                 problems: list[str]) -> None:
+    """Label shape against the image's (header only), then values against ``info.labels``."""
+    files = info.cases[case_id]
+    try:
+        shape = read_label_shape(info, case_id)
+    except DatasetError as e:
+        problems.extend(e.problems)
+        return
+    if image_shape is not None and shape != image_shape:
+        problems.append(f"{files.label}: label shape {shape} does not match image shape {image_shape} "
+                        f"of {files.image} (case {case_id!r})")
+        return
+    try:
+        load_label(info, case_id)
+    except DatasetError as e:
+        problems.extend(e.problems)
+
+
+def _problems(info: DatasetInfo, split: Split, check_unlabeled_labels: bool) -> list[str]:
+    problems = _orphan_problems(info)
+    role: dict[str, str] = {}
+    for part, ids in (("labeled", split.labeled), ("test", split.test), ("unlabeled", split.unlabeled)):
+        for case_id in ids:
+            if case_id in role:
+                problems.append(f"split: case {case_id!r} is in both {role[case_id]} and {part}")
+            elif case_id not in info.cases:
+                problems.append(f"split: case {case_id!r} ({part}) is not in the dataset {info.root}")
+            else:
+                role[case_id] = part
+    for case_id, part in role.items():
+        files = info.cases[case_id]
+        image_shape = _check_image(info, case_id, problems)
+        if part in ("labeled", "test"):
+            if files.label is None:
+                problems.append(f"{files.image}: {part} case {case_id!r} has no label file")
+                continue
+            _check_label(info, case_id, image_shape, problems)
+        elif check_unlabeled_labels and files.label is not None:
+            _check_label(info, case_id, image_shape, problems)
+    return problems
+
+
+def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool = False) -> None:
+    """Check every case of ``split`` and the dataset's orphan labels; one DatasetError lists all problems.
+
+    Images of all split cases: exist, readable, one channel, finite. Labeled and test cases: label
+    exists, label shape == image shape, label values in ``info.labels``. Unlabeled cases: the label
+    file is not opened unless ``check_unlabeled_labels`` (then an existing label is checked the same way).
+    Labels without an image (``info.orphan_labels``) are problems: the dataset is broken.
+    """
+    problems = _problems(info, split, check_unlabeled_labels)
+    if problems:
+        raise DatasetError(problems)
+    logger.info("dataset check of %s: OK (%d labeled, %d unlabeled, %d test cases%s)", info.root,
+                len(split.labeled), len(split.unlabeled), len(split.test),
+                "; unlabeled labels audited" if check_unlabeled_labels else "")
+
+
+def validate_dataset(root: Path, format: str = "msd") -> DatasetInfo:
+    """Read a dataset and check every case: all images, and every label file that exists.
+
+    For ``semisam validate``; cases without a label are reported as unlabeled, not as problems.
+    """
+    info = read_dataset_info(Path(root), format)
+    with_label = [c for c, f in info.cases.items() if f.label is not None]
+    without = [c for c, f in info.cases.items() if f.label is None]
+    problems = _problems(info, Split(labeled=with_label, unlabeled=without, test=[]), False)
+    if problems:
+        raise DatasetError(problems)
+    logger.info("dataset %s is valid: %d cases (%d labeled, %d unlabeled), classes %s", info.root,
+                len(info.cases), len(with_label), len(without), info.labels)
+    return info
