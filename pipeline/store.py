@@ -150,6 +150,12 @@ class PseudoLabelStore:
 
         The new file is written beside the old one and renamed over it, so a crash leaves the old manifest.
         """
+        if isinstance(rows, list):  # a dict missing a key would otherwise become a silent NaN in the frame
+            for i, row in enumerate(rows):
+                if set(row) != set(MANIFEST_COLUMNS):
+                    raise StoreError(f"manifest row {i} ({row.get('case_id')!r}, slice {row.get('slice')}) has "
+                                     f"missing columns {sorted(set(MANIFEST_COLUMNS) - set(row))} / "
+                                     f"unknown columns {sorted(set(row) - set(MANIFEST_COLUMNS))}")
         new = _typed(pd.DataFrame(rows))
         if new.empty:
             return

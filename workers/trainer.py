@@ -23,6 +23,14 @@ from workers.common import process_info, start_worker
 log = logging.getLogger(__name__)
 
 
+def slice_scores(scores: np.ndarray) -> np.ndarray:
+    """Mean generalist score per slice over prompted classes: (S, K) -> (S,), NaN where none was prompted."""
+    prompted = ~np.isnan(scores)
+    total = np.where(prompted, scores, 0.0).sum(axis=1)
+    count = prompted.sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 class TrainerWorker:
     def __init__(self, cfg_dict: dict):
         self.cfg, self.device = start_worker(cfg_dict, "trainer")
@@ -74,8 +82,7 @@ class TrainerWorker:
         for v in self.unlabeled:
             stored = store.read_case(round_index, v.case_id)
             scores = stored["scores"]  # (S, K), NaN where a class was not prompted
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(np.where(np.isnan(scores), np.nan, scores), axis=1) if scores.size else np.zeros(0)
+            mean = slice_scores(scores)
             # A slice without any prompt (NaN) is kept: its pseudo-label is background, which the
             # specialist itself predicted there. Prompted slices must reach the score threshold.
             keep = np.where(np.isnan(mean), 1.0, (mean >= min_score).astype(np.float32)).astype(np.float32)

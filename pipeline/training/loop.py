@@ -159,7 +159,7 @@ class SpecialistTrainer:
                 logits_l = self.student(xl)
             sup = ce_dice_loss(logits_l, yl)
             loss = sup
-            logs = {"sup": float(sup)}
+            logs = {"sup": sup.item()}
             if n_unl and self.strategy.uses_teacher:
                 cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher)
                 loss = loss + cons
@@ -175,14 +175,14 @@ class SpecialistTrainer:
                 if float(wu.sum()) > 0:
                     pl_loss = ce_dice_loss(logits_u, yu, wu)
                     loss = loss + w_pl * pl_loss
-                    logs["pseudo"] = float(pl_loss)
+                    logs["pseudo"] = pl_loss.item()
                 logs["pseudo_weight"] = w_pl
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.step += 1
             self._ema_update()
-            logs["loss"] = float(loss)
+            logs["loss"] = loss.item()
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + v
             if self.step % t.log_every == 0:
