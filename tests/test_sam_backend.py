@@ -168,9 +168,15 @@ def test_decode_pads_uneven_point_counts(gen, embedding):
     three = _prompt(2, [[25, 30], [22, 28], [2, 2]], [1, 1, 0], [20, 26, 30, 38])
     res = gen.decode(embedding, (H, W), [one, three])
     assert res.masks.shape == (2, H, W) and res.scores.shape == (2,)
-    # padding points carry label -1, which SAM ignores: the one-point prompt alone decodes the same
-    alone = gen.decode(embedding, (H, W), [one])
-    np.testing.assert_allclose(res.logits[0], alone.logits[0], rtol=1e-4, atol=1e-4)
+    # the short prompt is padded with label -1 points (SAM's "not a point" token; their coordinates are
+    # zeroed by the prompt encoder): the same as giving those points explicitly, whatever their place
+    padded = _prompt(1, [[12, 15], [7, 3], [30, 1]], [1, -1, -1], [6, 6, 18, 24])
+    alone = gen.decode(embedding, (H, W), [padded])
+    np.testing.assert_allclose(res.logits[0], alone.logits[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.logits[1], gen.decode(embedding, (H, W), [three]).logits[0], rtol=1e-5, atol=1e-5)
+    # SAM does not skip those tokens: unpadded, the one-point prompt decodes (slightly) differently
+    unpadded = gen.decode(embedding, (H, W), [one])
+    assert np.abs(unpadded.logits[0] - res.logits[0]).max() > 1e-4
     # points only (no boxes), and no prompts at all
     pts_only = gen.decode(embedding, (H, W), [_prompt(1, [[12, 15]], [1]), _prompt(2, [], [])])
     assert pts_only.masks.shape == (2, H, W)

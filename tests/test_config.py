@@ -1,0 +1,284 @@
+"""The config tree: loading, typed dotted overrides, unknown keys, validation errors, round trip."""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pipeline.config import RunConfig, config_from_dict, dump_config, load_config, parse_override
+from pipeline.errors import ConfigError
+
+from .conftest import small_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "conf" / "demo.yaml"
+
+
+def _demo_tree() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def _write(tmp_path: Path, tree: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def test_demo_config_validates():
+    cfg = load_config(DEMO)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == "demo" and cfg.rounds == 3
+    assert cfg.model.kind == "unet2d" and cfg.model.patch_size == [48, 48] and cfg.model.base_channels == 8
+    assert cfg.train.method == "mean_teacher" and cfg.train.iterations == 150
+    assert cfg.train.lr == pytest.approx(0.003)
+    assert cfg.train.consistency.rampup_iterations == 150 and cfg.train.pseudo_label.weight == 0.5
+    assert cfg.data.num_labeled == 2 and cfg.data.split_file == Path("data/demo/splits.json")
+    assert cfg.generalist.sam.variant == "tiny"
+    assert cfg.workers.sam.num_workers == 2 and cfg.workers.sam.num_cpus == 0.5
+    assert cfg.run_dir == Path("runs") / "demo"
+
+
+def test_load_missing_file_is_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_load_non_mapping_is_config_error(tmp_path: Path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+# ----------------------------------------------------------------------------------------- overrides
+
+
+def test_overrides_are_typed_by_yaml():
+    cfg = load_config(DEMO, ["train.iterations=7", "train.lr=1e-2", "data.labeled=[a,b]",
+                             "generalist.backend=classical", "train.pseudo_label.enabled=false"])
+    assert cfg.train.iterations == 7 and type(cfg.train.iterations) is int
+    assert cfg.train.lr == pytest.approx(0.01) and type(cfg.train.lr) is float
+    assert cfg.data.labeled == ["a", "b"]
+    assert cfg.generalist.backend == "classical"
+    assert cfg.train.pseudo_label.enabled is False
+    # untouched siblings keep the file's values
+    assert cfg.train.labeled_batch_size == 4 and cfg.generalist.sam.variant == "tiny"
+
+
+def test_parse_override_values():
+    assert parse_override("train.iterations=7") == ("train.iterations", 7)
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")  # split at the first '=' only
+    assert parse_override("workers.address=") == ("workers.address", None)
+    key, value = parse_override("train.lr=0.5")
+    assert key == "train.lr" and isinstance(value, float) and value == 0.5
+    assert parse_override("data.labeled=[a, b]") == ("data.labeled", ["a", "b"])
+    assert parse_override("train.pseudo_label.enabled=true") == ("train.pseudo_label.enabled", True)
+
+
+def test_override_creates_missing_section():
+    cfg = load_config(DEMO, ["eval.hd_percentile=90"])
+    assert cfg.eval.hd_percentile == 90.0
+
+
+@pytest.mark.parametrize("text", ["train.iterations", "=5", "train..lr=1", "train.=1"])
+def test_malformed_override_is_error(text: str):
+    with pytest.raises(ConfigError, match="override"):
+        load_config(DEMO, [text])
+
+
+def test_override_into_a_value_is_error():
+    with pytest.raises(ConfigError, match="'iterations' is not a section"):
+        load_config(DEMO, ["train.iterations.x=3"])
+
+
+def test_override_of_unknown_key_names_it():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["train.iteratons=5"])
+    assert "train.iteratons" in str(e.value) and "unknown key" in str(e.value)
+    assert str(DEMO) in str(e.value)
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["train.method=foo"])
+    msg = str(e.value)
+    assert "train.method" in msg and "unknown key" not in msg
+
+
+def test_bad_number_names_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["train.iterations=0"])
+    assert "train.iterations" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["data.slice_axis=3"])
+    assert "data.slice_axis" in str(e.value)
+
+
+# -------------------------------------------------------------------------------------- unknown keys
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path: Path):
+    tree = _demo_tree()
+    tree["bogus"] = 1
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, tree))
+    assert "bogus: unknown key" in str(e.value)
+
+
+def test_unknown_nested_key_in_yaml(tmp_path: Path):
+    tree = _demo_tree()
+    tree["train"]["iteratons"] = 5
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, tree))
+    assert "train.iteratons: unknown key" in str(e.value)
+
+
+def test_unknown_deeply_nested_key_in_yaml(tmp_path: Path):
+    tree = _demo_tree()
+    tree["train"]["consistency"]["ema"] = 0.9
+    tree["workers"]["sam"]["gpus"] = 1
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, tree))
+    msg = str(e.value)
+    assert "train.consistency.ema: unknown key" in msg and "workers.sam.gpus: unknown key" in msg
+
+
+# ------------------------------------------------------------------------------------ cross-checks
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", ".hidden", ""])
+def test_unsafe_run_name_is_refused(name: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, [f"name={name!s}" if name else "name=''"])
+    assert "run name" in str(e.value)
+
+
+def test_safe_run_name_is_accepted():
+    assert load_config(DEMO, ["name=exp-1.a_b"]).name == "exp-1.a_b"
+
+
+def test_patch_size_must_match_model_kind():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["model.kind=unet3d"])  # demo patch_size has 2 numbers
+    assert "patch_size" in str(e.value) and "unet3d" in str(e.value)
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(DEMO, ["model.patch_size=[16,16,16]"])  # 3 numbers for unet2d
+    cfg = load_config(DEMO, ["model.kind=unet3d", "model.patch_size=[16,16,16]"])
+    assert cfg.model.patch_size == [16, 16, 16]
+
+
+def test_missing_data_split_is_error(tmp_path: Path):
+    tree = _demo_tree()
+    del tree["data"]["split_file"]
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, tree))
+    assert "data" in str(e.value) and "split_file" in str(e.value)
+
+
+def test_split_file_needs_num_labeled(tmp_path: Path):
+    tree = _demo_tree()
+    del tree["data"]["num_labeled"]
+    with pytest.raises(ConfigError, match="num_labeled"):
+        load_config(_write(tmp_path, tree))
+
+
+def test_missing_data_section_is_error(tmp_path: Path):
+    tree = _demo_tree()
+    del tree["data"]
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, tree))
+    assert "data" in str(e.value)
+
+
+def test_explicit_case_lists_stand_in_for_a_split_file():
+    tree = small_config_dict(Path("/d"), Path("/r"))
+    tree["data"] = {"root": "/d", "labeled": ["c1"], "unlabeled": ["c2"], "test": ["c3"]}
+    cfg = config_from_dict(tree)
+    assert cfg.data.split_file is None and cfg.data.labeled == ["c1"] and cfg.data.test == ["c3"]
+
+
+# ----------------------------------------------------------------------------------------- round trip
+
+
+def test_dump_reload_round_trip():
+    cfg = load_config(DEMO, ["train.iterations=7", "data.labeled=[a,b]", "model.dropout=0.25"])
+    tree = yaml.safe_load(dump_config(cfg))
+    again = config_from_dict(tree)
+    assert again == cfg
+    assert again.model_dump(mode="json") == cfg.model_dump(mode="json")
+    assert isinstance(again.data.root, Path)
+
+
+def test_dump_reload_round_trip_small_config(tmp_path: Path):
+    cfg = config_from_dict(small_config_dict(tmp_path / "data", tmp_path / "runs"))
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    changed = cfg.model_copy(deep=True)
+    changed.train.iterations = 99
+    assert config_from_dict(yaml.safe_load(dump_config(changed))) != cfg
+
+
+def test_validate_assignment():
+    cfg = load_config(DEMO)
+    with pytest.raises(ValueError):
+        cfg.train.iterations = 0
+
+
+# -------------------------------------------------------------------------------------- forbid extra
+
+
+def _model_classes(annotation, seen: set[type]) -> None:
+    """Every BaseModel class reachable from a type annotation (through Optional, list, etc.)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation in seen:
+            return
+        seen.add(annotation)
+        for field in annotation.model_fields.values():
+            _model_classes(field.annotation, seen)
+        return
+    origin = typing.get_origin(annotation)
+    if origin is not None or isinstance(annotation, types.UnionType):
+        for arg in typing.get_args(annotation):
+            _model_classes(arg, seen)
+
+
+def test_every_section_forbids_extra_keys():
+    seen: set[type] = set()
+    _model_classes(RunConfig, seen)
+    names = {c.__name__ for c in seen}
+    # the walk reaches the deep sections (so the check below is not vacuous)
+    assert {"RunConfig", "DataConfig", "ModelConfig", "TrainConfig", "ConsistencyConfig", "PseudoLabelConfig",
+            "PromptConfig", "GeneralistConfig", "SamConfig", "ClassicalConfig", "WorkersConfig",
+            "ActorResources", "SamPoolConfig", "EvalConfig"} <= names
+    lax = sorted(c.__name__ for c in seen if c.model_config.get("extra") != "forbid")
+    assert lax == []
+
+
+def test_every_default_instance_section_forbids_extra(tmp_path: Path):
+    cfg = config_from_dict({"data": {"root": str(tmp_path), "labeled": [], "unlabeled": [], "test": []}})
+
+    def walk(obj, path: str) -> list[str]:
+        bad = [] if obj.model_config.get("extra") == "forbid" else [path]
+        for name in type(obj).model_fields:
+            value = getattr(obj, name)
+            if isinstance(value, BaseModel):
+                bad += walk(value, f"{path}.{name}")
+        return bad
+
+    assert walk(cfg, "<root>") == []
+    # and a key added at any section really is refused
+    for section in ["train.consistency", "train.pseudo_label", "generalist.classical", "workers.trainer", "eval"]:
+        tree = cfg.model_dump(mode="json")
+        node = tree
+        for k in section.split("."):
+            node = node[k]
+        node["zzz"] = 1
+        with pytest.raises(ConfigError, match=rf"{section}\.zzz: unknown key"):
+            config_from_dict(tree)
