@@ -193,7 +193,8 @@ class SamGeneralist:
         points = None
         if n_pts:
             pts = np.zeros((len(prompts), n_pts, 2), np.float32)
-            lab = -np.ones((len(prompts), n_pts), np.int64)  # -1 = padding, ignored by SAM's prompt encoder
+            # -1 = padding: SAM embeds it as its "not a point" token (as SAM pads itself when no box is given)
+            lab = -np.ones((len(prompts), n_pts), np.int64)
             for i, p in enumerate(prompts):
                 k = len(p.points_xy)
                 pts[i, :k] = (np.asarray(p.points_xy, np.float32) + 0.5) * scale  # pixel centres
