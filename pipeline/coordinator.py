@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: they decide where and how long it runs, not what it computes.
 RESUMABLE_CHANGES = {"rounds", "workers", "device"}
+# How often the coordinator appends finished cases to the manifest during a relabel round.
+MANIFEST_FLUSH_SECONDS = 10.0
 
 
 @dataclass
@@ -195,6 +197,8 @@ class Coordinator:
         tasks = [todo[i:i + k] for i in range(0, len(todo), k)]
         free = [w for w in self.pool for _ in range(2)]
         in_flight: dict = {}
+        pending: list[dict] = []  # rows of finished cases not yet in the manifest
+        last_flush = time.monotonic()
         with tqdm(total=len(todo), desc=f"relabel round {r}", unit="case") as bar:
             while tasks or in_flight:
                 while free and tasks:
@@ -203,10 +207,14 @@ class Coordinator:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
                     worker, task = in_flight.pop(ref)
-                    rows = ray.get(ref)
-                    self.store.append_manifest(rows)
+                    pending.extend(ray.get(ref))
                     free.append(worker)
                     bar.update(len(task))
+                # Each append rewrites the manifest file, so batch them: a crash loses at most the cases
+                # of the last MANIFEST_FLUSH_SECONDS, which a resume relabels again.
+                if pending and (not in_flight or time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS):
+                    self.store.append_manifest(pending)
+                    pending, last_flush = [], time.monotonic()
         m = self.store.manifest()
         m = m[m["round"] == r]
         prompted = m[m["num_prompts"] > 0]

@@ -7,14 +7,15 @@ Layout (declared here once; ``STORE_FORMAT`` is bumped on any change)::
         round_001/                         group attrs: round, checkpoint_version, generalist
           <case_id>/                       group attrs: case_id, round, checkpoint_version, generalist,
                                            slice_axis, volume_shape, written_at
-            pseudo_label   uint8  (S, H, W)   the generalist's label map (0 = background)
+            pseudo_label   uint8  (S, H, W)   the generalist's label map (0 = background), one chunk
             specialist     uint8  (S, H, W)   the specialist's argmax that prompted it
             scores         float32 (S, K)     generalist score per slice and foreground class (NaN: not prompted)
       manifest.parquet                     one row per (round, case_id, slice); see MANIFEST_COLUMNS
 
 Arrays are slice-first: ``S`` runs along the config's ``data.slice_axis`` of the (X, Y, Z) volume
-(``np.moveaxis(volume, slice_axis, 0)``). Masks are chunked one slice per chunk and every case array has
-exactly one writer (the SAM actor that relabels that case), so concurrent writers never share a chunk.
+(``np.moveaxis(volume, slice_axis, 0)``). Each case array is one chunk written whole by exactly one
+writer (the SAM actor that relabels that case), so concurrent writers never share a chunk or shard.
+(One chunk per slice cost 100-165 ms per case against ~3 ms for one chunk: benchmarks/perf.py.)
 
 Writers: SAM actors write case arrays; only the coordinator writes the manifest (appending with
 fastparquet to a copy that replaces the file atomically). A case counts as done in a round when the
@@ -109,7 +110,7 @@ class PseudoLabelStore:
         g = root[round_key(round_index)].require_group(case_id)
         s, h, w = pseudo_label.shape
         for name, data in (("pseudo_label", pseudo_label), ("specialist", specialist)):
-            a = g.create_array(name, shape=(s, h, w), chunks=(1, h, w), dtype="uint8", fill_value=0, overwrite=True)
+            a = g.create_array(name, shape=(s, h, w), chunks=(s, h, w), dtype="uint8", fill_value=0, overwrite=True)
             a[...] = data.astype(np.uint8)
         a = g.create_array("scores", shape=scores.shape, chunks=scores.shape, dtype="float32",
                            fill_value=float("nan"), overwrite=True)

@@ -80,7 +80,7 @@ def test_embed_is_the_windowed_slice_in_unit_range(embedded):
 
 
 CONFIGS = {
-    "box-outside-bg": (PromptConfig(box_margin=4), ClassicalConfig()),
+    "box-outside-bg": (PromptConfig(box_margin=4), ClassicalConfig(box_outside_is_background=True)),
     "box-ring": (PromptConfig(box_margin=2, num_negative=0), ClassicalConfig(box_outside_is_background=False)),
     "points-only": (PromptConfig(use_box=False), ClassicalConfig()),
 }
@@ -124,7 +124,7 @@ def test_several_prompts_in_one_call(embedded):
 def test_the_box_crop_gives_the_full_slice_solution(embedded):
     """Solving on the box (+1 px) with rescaled beta equals skimage's walk on the whole slice."""
     _, emb = embedded
-    cfg = ClassicalConfig(background_ring=0)
+    cfg = ClassicalConfig(background_ring=0, box_outside_is_background=True)
     (p,) = prompts_for_slice(_flawed_prediction(A), [1], PromptConfig(box_margin=4), np.random.default_rng(1))
     res = RandomWalkerGeneralist(cfg).decode(emb, (H, W), [p])
     x0, y0, x1, y1 = p.box_xyxy.astype(int)

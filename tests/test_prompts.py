@@ -203,7 +203,7 @@ def test_mask_prompt_is_the_logit_difference():
 def test_summarize_prompts_is_json_of_the_summaries():
     pred = _rect_pred()
     pred[30:36, 5:11] = 2
-    out = prompts_for_slice(pred, [1, 2], _cfg(), np.random.default_rng(0))
+    out = prompts_for_slice(pred, [1, 2], _cfg(box_margin=2), np.random.default_rng(0))
     text = summarize_prompts(out)
     rec = json.loads(text)
     assert [r["class_id"] for r in rec] == [1, 2]
