@@ -131,6 +131,10 @@ class PromptConfig(_Strict):
     box_margin: int = Field(default=3, ge=0)
     """Pixels added on each side of the bounding box (clipped to the image). A tight box cuts through an
     organ the specialist under-segments; 3 px measured better than 2 with the classical generalist."""
+    box_min_component_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    """A predicted piece of the class joins the box only if it has at least this fraction of the largest
+    piece's pixels. On hippocampus a stray speck at the slice edge stretched boxes over the whole slice
+    and the random walker flooded them."""
     use_mask_prompt: bool = False
     """Also pass the specialist's class logits as SAM's low-resolution mask prompt."""
     min_component_pixels: int = Field(default=4, ge=1)

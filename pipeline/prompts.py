@@ -18,8 +18,8 @@ For one class ``c`` on a slice:
 - positives: the most interior pixel of the component (maximum of its Euclidean distance transform)
   then ``num_random_positive`` distinct random pixels of the component;
 - box: the bounding box of every component of ``pred == c`` with at least ``min_component_pixels``
-  pixels (so an organ predicted in two pieces stays inside its box, while isolated specks of a few
-  pixels cannot blow the box up), grown by ``box_margin`` on each side and clipped to the slice;
+  pixels and at least ``box_min_component_fraction`` of the largest component (so an organ predicted in
+  two pieces stays inside its box, while a stray false positive far away cannot blow the box up), grown by ``box_margin`` on each side and clipped to the slice;
 - negatives: ``num_negative`` distinct random pixels with ``pred != c`` inside the margined box, or, when
   the box holds none, in a ring around the box;
 - mask prompt: ``class_logits[c] - class_logits[0]`` (foreground minus background logit).
@@ -101,13 +101,14 @@ def _box_region(shape: tuple[int, int], r0: int, c0: int, r1: int, c1: int) -> n
     return region
 
 
-def _class_extent(cls: np.ndarray, component: np.ndarray, min_pixels: int) -> np.ndarray:
-    """Union of the 8-connected components of ``cls`` with >= min_pixels pixels (always incl. ``component``)."""
+def _class_extent(cls: np.ndarray, component: np.ndarray, min_pixels: int, min_fraction: float = 0.0) -> np.ndarray:
+    """Union of the 8-connected components of ``cls`` with >= max(min_pixels, min_fraction * the largest
+    component) pixels (always incl. ``component``, the largest)."""
     labels, n = ndimage.label(cls, structure=_EIGHT)
     if n <= 1:
         return component
     sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_pixels
+    keep = sizes >= max(min_pixels, min_fraction * int(component.sum()))
     keep[0] = False
     return keep[labels] | component
 
@@ -162,7 +163,7 @@ def prompts_for_slice(
         pos_rc = np.concatenate([np.array([centre]), _pick(others, cfg.num_random_positive, rng)])
 
         # Box around every sizeable piece of the class, grown by the margin.
-        r0, c0, r1, c1 = _box_rc(_class_extent(cls, comp, cfg.min_component_pixels), cfg.box_margin)
+        r0, c0, r1, c1 = _box_rc(_class_extent(cls, comp, cfg.min_component_pixels, cfg.box_min_component_fraction), cfg.box_margin)
         box = np.array([c0, r0, c1, r1], dtype=np.float32) if cfg.use_box else None
 
         # Negatives: not class c, inside the margined box; else in a ring around the box.

@@ -155,7 +155,8 @@ def test_two_components_positives_only_in_the_larger_box_covers_both_but_not_spe
     pred = _rect_pred()
     pred[30:36, 5:11] = 1  # a second piece of class 1: 36 px (the rectangle has 200)
     pred[45, 60] = 1  # a 1-px speck below min_component_pixels
-    cfg = _cfg(num_random_positive=20, num_negative=0, box_margin=1, min_component_pixels=4)
+    cfg = _cfg(num_random_positive=20, num_negative=0, box_margin=1, min_component_pixels=4,
+               box_min_component_fraction=0.1)
     (p,) = prompts_for_slice(pred, [1], cfg, np.random.default_rng(3))
     pos, _ = _pos_neg(p)
     assert len(pos) == 21
@@ -271,3 +272,14 @@ def test_sam_rgb_is_hwc_uint8_with_identical_channels():
     g = window_to_uint8(x)
     for k in range(3):
         np.testing.assert_array_equal(rgb[:, :, k], g)
+
+
+def test_a_far_small_false_positive_does_not_stretch_the_box():
+    """Seen on hippocampus: a 6-pixel speck at the slice corner made the box cover the whole slice."""
+    pred = np.zeros((50, 40), np.int64)
+    pred[20:30, 15:27] = 1   # the organ, 120 px
+    pred[0:2, 0:3] = 1       # a speck, 6 px (>= min_component_pixels, < 25% of the organ)
+    (p,) = prompts_for_slice(pred, [1], _cfg(box_margin=0), np.random.default_rng(0))
+    assert p.box_xyxy.tolist() == [15, 20, 26, 29]
+    (q,) = prompts_for_slice(pred, [1], _cfg(box_margin=0, box_min_component_fraction=0.0), np.random.default_rng(0))
+    assert q.box_xyxy.tolist() == [0, 0, 26, 29]
