@@ -652,7 +652,7 @@ def fig_pipeline_overhead(b: Bench) -> dict:
         ("<=", 1.15, "the pool costs at most 15% more than a plain loop"),
         f"{s.overhead_cases} cases: pool {pool_s:.2f} s, plain loop {plain_s:.2f} s, "
         f"the same SamWorker in-process (writes, no Ray) {local_s:.2f} s",
-        why=(f"writing the masks (3 Zarr arrays per case, one chunk per slice) adds {local_s / plain_s - 1:.0%}, "
+        why=(f"writing the masks (3 Zarr arrays per case, one chunk each) adds {local_s / plain_s - 1:.0%}, "
              f"Ray and the driver {pool_s / local_s - 1:+.0%}"),
     )
 
