@@ -137,7 +137,7 @@ class SpecialistTrainer:
 
     def train(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume],
               pseudo: dict[str, PseudoLabel] | None, iterations: int) -> dict[str, float]:
-        """Run ``iterations`` steps; returns the mean of each logged loss over the round."""
+        """Run ``iterations`` steps; returns the mean of each logged value over the iterations that logged it."""
         t = self.cfg.train
         pl_cfg = t.pseudo_label
         use_pseudo = bool(pseudo) and pl_cfg.enabled and pl_cfg.weight > 0
@@ -149,6 +149,7 @@ class SpecialistTrainer:
         self.student.train()
         self.teacher.train()
         totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for _ in range(iterations):
             xl, yl, _ = self._batch(labeled, t.labeled_batch_size, None, labeled=True)
             if n_unl:
@@ -185,6 +186,9 @@ class SpecialistTrainer:
             logs["loss"] = loss.item()
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             if self.step % t.log_every == 0:
                 log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
-        return {k: v / iterations for k, v in totals.items()}
+        # a key missing from some iterations (e.g. 'pseudo' when a batch was gated out) is averaged over
+        # the iterations that had it
+        return {k: v / counts[k] for k, v in totals.items()}
