@@ -192,7 +192,7 @@ class ActorResources(_Strict):
 class SamPoolConfig(ActorResources):
     num_workers: int = Field(default=2, ge=1)
     cases_per_task: int = Field(default=1, ge=1)
-    """Cases sent to an actor in one call; cases are assigned by a stable hash so embeddings stay local."""
+    """Cases sent to an actor in one call (a work queue; the embedding cache is on disk, so any actor can take any case)."""
 
 
 class WorkersConfig(_Strict):

@@ -32,9 +32,7 @@ def init_ray(cfg: WorkersConfig) -> bool:
     return True
 
 
-def remote_actor(cls: type, resources: ActorResources, name: str | None = None):
+def remote_actor(cls: type, resources: ActorResources):
     """``ray.remote(cls)`` with the configured CPUs/GPUs; call ``.remote(...)`` on the result."""
     opts = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_concurrency": 1}
-    if name:
-        opts["name"] = name
     return ray.remote(cls).options(**opts)

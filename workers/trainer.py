@@ -18,17 +18,10 @@ from pipeline.data.splits import resolve_split
 from pipeline.evaluation import EvalVolume, evaluate_model
 from pipeline.store import PseudoLabelStore
 from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
+from pipeline.training.pseudo_labels import load_pseudo_labels
 from workers.common import process_info, start_worker
 
 log = logging.getLogger(__name__)
-
-
-def slice_scores(scores: np.ndarray) -> np.ndarray:
-    """Mean generalist score per slice over prompted classes: (S, K) -> (S,), NaN where none was prompted."""
-    prompted = ~np.isnan(scores)
-    total = np.where(prompted, scores, 0.0).sum(axis=1)
-    count = prompted.sum(axis=1)
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 class TrainerWorker:
@@ -76,19 +69,9 @@ class TrainerWorker:
     # -- work ------------------------------------------------------------------------------------
     def load_pseudo_labels(self, round_index: int) -> dict[str, PseudoLabel]:
         """The generalist masks of ``round_index`` for the unlabeled cases, gated by generalist score."""
-        store = PseudoLabelStore(self.cfg.run_dir / "pseudo_labels")
-        min_score = self.cfg.train.pseudo_label.min_sam_score
-        out = {}
-        for v in self.unlabeled:
-            stored = store.read_case(round_index, v.case_id)
-            scores = stored["scores"]  # (S, K), NaN where a class was not prompted
-            mean = slice_scores(scores)
-            # A slice without any prompt (NaN) is kept: its pseudo-label is background, which the
-            # specialist itself predicted there. Prompted slices must reach the score threshold.
-            keep = np.where(np.isnan(mean), 1.0, (mean >= min_score).astype(np.float32)).astype(np.float32)
-            labels = np.moveaxis(stored["pseudo_label"], 0, self.cfg.data.slice_axis)
-            out[v.case_id] = PseudoLabel(np.ascontiguousarray(labels), keep)
-        return out
+        return load_pseudo_labels(PseudoLabelStore(self.cfg.run_dir / "pseudo_labels"), round_index,
+                                  [v.case_id for v in self.unlabeled], self.cfg.data.slice_axis,
+                                  self.cfg.train.pseudo_label.min_sam_score)
 
     def train_round(self, round_index: int, pseudo_round: int | None) -> dict:
         pseudo = self.load_pseudo_labels(pseudo_round) if pseudo_round is not None else None

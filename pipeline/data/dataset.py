@@ -338,18 +338,25 @@ def _nifti_array(path: Path, what: str) -> tuple[np.ndarray, Spacing]:
     return data.reshape(data.shape[:3]), spacing
 
 
-def _h5_array(path: Path, key: str, what: str) -> tuple[np.ndarray, Spacing]:
+def _h5_read(path: Path, key: str, read):
+    """``read(file, dataset)`` on h5 dataset ``key`` of ``path``; DatasetError naming the file otherwise."""
     if not path.is_file():
         raise DatasetError(f"{path}: file does not exist")
     try:
         with h5py.File(path, "r") as f:
             if key not in f:
                 raise DatasetError(f"{path}: h5 file has no {key!r} dataset")
-            _spatial_shape(tuple(f[key].shape), path, what)
-            data = np.asarray(f[key][...])
-            raw_spacing = f.attrs.get("spacing", f[key].attrs.get("spacing"))
+            return read(f, f[key])
     except _READ_ERRORS as e:
         raise _unreadable(path, e) from None
+
+
+def _h5_array(path: Path, key: str, what: str) -> tuple[np.ndarray, Spacing]:
+    def read(f, ds):
+        _spatial_shape(tuple(ds.shape), path, what)
+        return np.asarray(ds[...]), f.attrs.get("spacing", ds.attrs.get("spacing"))
+
+    data, raw_spacing = _h5_read(path, key, read)
     spacing: Spacing = (1.0, 1.0, 1.0)
     if raw_spacing is not None:
         values = np.asarray(raw_spacing, dtype=np.float64).ravel()
@@ -375,16 +382,7 @@ def read_label_shape(info: DatasetInfo, case_id: str) -> tuple[int, int, int]:
 def _header_shape(info: DatasetInfo, path: Path, key: str, what: str) -> tuple[int, int, int]:
     if info.format == "msd":
         return _spatial_shape(tuple(_nifti_header(path).shape), path, what)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file does not exist")
-    try:
-        with h5py.File(path, "r") as f:
-            if key not in f:
-                raise DatasetError(f"{path}: h5 file has no {key!r} dataset")
-            shape = tuple(f[key].shape)
-    except _READ_ERRORS as e:
-        raise _unreadable(path, e) from None
-    return _spatial_shape(shape, path, what)
+    return _spatial_shape(_h5_read(path, key, lambda f, ds: tuple(ds.shape)), path, what)
 
 
 def load_image(info: DatasetInfo, case_id: str, normalization: str = "zscore") -> tuple[np.ndarray, Spacing]:

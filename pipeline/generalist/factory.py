@@ -11,8 +11,12 @@ from pipeline.generalist.base import Generalist
 def generalist_name(cfg: GeneralistConfig) -> str:
     """The id stored with every mask, known without loading any weights."""
     if cfg.backend == "classical":
-        return "classical-random-walker"
-    return f"sam-{cfg.sam.variant}" + ("-medsam" if cfg.sam.preprocess == "medsam" else "")
+        from pipeline.generalist.classical import RandomWalkerGeneralist
+
+        return RandomWalkerGeneralist.name
+    from pipeline.generalist.sam import sam_name
+
+    return sam_name(cfg.sam)
 
 
 def make_generalist(cfg: GeneralistConfig, device: torch.device) -> Generalist:

@@ -124,6 +124,11 @@ def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
     return sam.to(device)
 
 
+def sam_name(cfg: SamConfig) -> str:
+    """The id stored with every mask this generalist makes (e.g. ``sam-vit_b``, ``sam-vit_b-medsam``)."""
+    return f"sam-{cfg.variant}" + ("-medsam" if cfg.preprocess == "medsam" else "")
+
+
 class SamGeneralist:
     """Embed slices with SAM's image encoder; decode prompts with its prompt encoder and mask decoder."""
 
@@ -131,7 +136,7 @@ class SamGeneralist:
 
     def __init__(self, sam: Sam, cfg: SamConfig, device: torch.device):
         self.sam, self.cfg, self.device = sam, cfg, device
-        self.name = f"sam-{cfg.variant}" + ("-medsam" if cfg.preprocess == "medsam" else "")  # = factory.generalist_name
+        self.name = sam_name(cfg)
         self.image_size = sam.image_encoder.img_size
         self.encoder_calls = 0  # images through the image encoder (benchmarks count these)
         self.decoder_calls = 0  # prompts through the mask decoder

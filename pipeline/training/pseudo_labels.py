@@ -1,0 +1,33 @@
+"""Loading the stored generalist masks for training, with the per-slice score gate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.store import PseudoLabelStore
+from pipeline.training.loop import PseudoLabel
+
+
+def slice_scores(scores: np.ndarray) -> np.ndarray:
+    """Mean generalist score per slice over prompted classes: (S, K) -> (S,), NaN where none was prompted."""
+    prompted = ~np.isnan(scores)
+    total = np.where(prompted, scores, 0.0).sum(axis=1)
+    count = prompted.sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
+                       min_score: float) -> dict[str, PseudoLabel]:
+    """The masks of ``round_index`` for ``case_ids`` in volume axis order, with slice weights 1/0.
+
+    A slice without any prompt (score NaN) is kept: its pseudo-label is background, which the specialist
+    itself predicted there. A prompted slice is kept when its mean score reaches ``min_score``.
+    """
+    out = {}
+    for case_id in case_ids:
+        stored = store.read_case(round_index, case_id)
+        mean = slice_scores(stored["scores"])
+        keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
+        labels = np.moveaxis(stored["pseudo_label"], 0, slice_axis)
+        out[case_id] = PseudoLabel(np.ascontiguousarray(labels), keep)
+    return out
