@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import re
 import resource
 import shutil
@@ -46,6 +45,7 @@ import numpy as np
 import ray
 import torch
 
+from benchmarks.machine import machine_info
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import checkpoint_path, save_checkpoint
 from pipeline.config import RunConfig, load_config
@@ -145,20 +145,6 @@ def rss_after_trim() -> float | None:
     except (OSError, AttributeError):
         return None
     return vmrss_mib()
-
-
-def machine_info() -> dict:
-    """The machine a figure was measured on."""
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu_model = ""
-    try:
-        cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                          if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "cpu_model": cpu_model, "memory_gib": round(mem_gib, 1), "torch": torch.__version__,
-            "ray": ray.__version__, "gpu": torch.cuda.is_available()}
 
 
 def goal_met(ratio: float, op: str, value: float) -> bool:

@@ -100,6 +100,32 @@ class PseudoLabelConfig(_Strict):
     """Gate: drop a slice whose mean generalist score is below this (0 keeps all)."""
     min_teacher_agreement: float = Field(default=0.0, ge=0.0, le=1.0)
     """Gate: drop a slice whose pseudo-label Dice with the teacher's prediction is below this."""
+    consensus_only: bool = False
+    """Gate per voxel: learn a pseudo-label voxel only where the generalist agrees with the specialist
+    prediction its prompts came from (both stored in the round). Where the generalist is less accurate
+    than the specialist (the classical one on hippocampus), this keeps it from pulling the student
+    toward its errors while it still removes the specialist's voxels it disputes."""
+
+
+class AugmentConfig(_Strict):
+    """Augmentation of training crops (see ``pipeline.training.augment``); labeled and unlabeled alike."""
+
+    enabled: bool = True
+    spatial_probability: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Chance of each spatial change (rotation, scale) per crop."""
+    rotation_degrees: float = Field(default=20.0, ge=0.0, le=180.0)
+    scale_range: list[float] = Field(default_factory=lambda: [0.85, 1.2], min_length=2, max_length=2)
+    """Zoom factors drawn uniformly; >1 shows more of the volume (objects look smaller)."""
+    mirror: bool = False
+    """Random flips of every crop axis. Off by default: a flip swaps sides that labels may name
+    (e.g. anterior/posterior hippocampus)."""
+    intensity_probability: float = Field(default=0.3, ge=0.0, le=1.0)
+    """Chance of each intensity change (brightness, contrast, gamma, noise) per crop."""
+    brightness_range: list[float] = Field(default_factory=lambda: [0.75, 1.25], min_length=2, max_length=2)
+    contrast_range: list[float] = Field(default_factory=lambda: [0.75, 1.25], min_length=2, max_length=2)
+    gamma_range: list[float] = Field(default_factory=lambda: [0.7, 1.5], min_length=2, max_length=2)
+    noise_std: float = Field(default=0.1, ge=0.0)
+    """Largest standard deviation of the additive noise (z-score units); each crop draws one below it."""
 
 
 class TrainConfig(_Strict):
@@ -115,6 +141,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     foreground_crop_probability: float = Field(default=0.5, ge=0.0, le=1.0)
     """Chance that a training crop is centred on foreground of a labeled case (small organs need it)."""
     log_every: int = Field(default=50, ge=1)
@@ -210,6 +237,9 @@ class WorkersConfig(_Strict):
 
 class EvalConfig(_Strict):
     hd_percentile: float = Field(default=95.0, gt=0, le=100)
+    every_round: bool = True
+    """Evaluate on the test split after every round; False evaluates only the last round (benchmarks,
+    where 60 test cases cost more than a round of training)."""
     audit_pseudo_labels: bool = False
     """Benchmarks only: score pseudo-labels and specialist predictions against the hidden labels of
     unlabeled cases. The result is written to the run folder and never reaches training or prompts."""

@@ -4,6 +4,9 @@
     round r>0: relabel unlabeled cases with checkpoint r-1   -> store round r
                train with the round-r pseudo-labels          -> checkpoint r -> evaluate
 
+With the pseudo-label term off (``train.pseudo_label.enabled: false`` or weight 0, e.g. plain Mean
+Teacher) no SAM pool is started and every round only trains.
+
 Run folder (``output_dir/name``)::
 
     config.yaml          the resolved config (a resumed run must match it, except rounds/workers/device)
@@ -131,11 +134,15 @@ class Coordinator:
         self.state = prepare_run_dir(cfg)
         self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
                                       class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
+        pl = cfg.train.pseudo_label
+        # Without the pseudo-label term there is nothing to relabel: no SAM pool, rounds only train.
+        self.relabels = bool(self.split.unlabeled) and pl.enabled and pl.weight > 0
         self._started_ray = init_ray(cfg.workers)
         cfg_dict = cfg.model_dump(mode="json")
         w = cfg.workers
         self.trainer = remote_actor(TrainerWorker, w.trainer).remote(cfg_dict)
-        self.pool = [remote_actor(SamWorker, w.sam).remote(cfg_dict, i) for i in range(w.sam.num_workers)]
+        self.pool = ([remote_actor(SamWorker, w.sam).remote(cfg_dict, i) for i in range(w.sam.num_workers)]
+                     if self.relabels else [])
 
     def shutdown(self) -> None:
         for a in [self.trainer, *self.pool]:
@@ -165,7 +172,7 @@ class Coordinator:
     def run_round(self, r: int) -> RoundSummary:
         start = time.perf_counter()
         summary = RoundSummary(round=r, seconds=0.0)
-        if r > 0 and self.split.unlabeled:
+        if r > 0 and self.relabels:
             summary.relabel = self.relabel_round(r, checkpoint_version=r - 1)
             if self.cfg.eval.audit_pseudo_labels:
                 audit = audit_pseudo_labels(self.store, self.info, r, self.split.unlabeled, self.info.foreground_classes)
@@ -174,10 +181,10 @@ class Coordinator:
                 audit.to_parquet(out, index=False)
                 summary.audit = {"pseudo_dice": float(audit["pseudo_dice"].mean()),
                                  "specialist_dice": float(audit["specialist_dice"].mean())}
-        pseudo_round = r if (r > 0 and self.split.unlabeled) else None
+        pseudo_round = r if (r > 0 and self.relabels) else None
         summary.train = ray.get(self.trainer.train_round.remote(r, pseudo_round))
         ray.get(self.trainer.publish.remote(r))
-        if self.split.test:
+        if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
             summary.test = round_means(ray.get(self.trainer.evaluate.remote(r)))
         summary.seconds = time.perf_counter() - start
         return summary

@@ -154,3 +154,20 @@ def test_cli_inspect_and_eval_read_the_run(finished_run, capsys, tmp_path):
     assert cli_main(["eval", str(cfg.run_dir)]) == 0
     out = capsys.readouterr().out
     assert "mm" in out and "dice" in out
+
+
+def test_without_the_pseudo_label_term_rounds_only_train(ray_cluster, synthetic_root, tmp_path):
+    """Plain Mean Teacher: no SAM pool is started, nothing is relabeled, every round trains on."""
+    cfg = config_from_dict(small_config_dict(synthetic_root, tmp_path, rounds=2,
+                                             train={"pseudo_label": {"enabled": False}}))
+    coordinator = Coordinator(cfg)
+    try:
+        assert coordinator.pool == []
+        summaries = coordinator.run()
+    finally:
+        coordinator.shutdown()
+    assert [s.relabel for s in summaries] == [{}, {}]
+    assert [s.train["step"] for s in summaries] == [6, 12]
+    assert "pseudo" not in summaries[1].train
+    assert not PseudoLabelStore(cfg.run_dir / "pseudo_labels").manifest_path.exists()
+    assert (cfg.run_dir / "eval" / "round_001.parquet").is_file()

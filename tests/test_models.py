@@ -83,14 +83,15 @@ def test_unet_dropout_only_in_training():
 
 
 def _by_hand_2d(model: UNet, volume: np.ndarray, slice_axis: int) -> np.ndarray:
-    """Run the model on each slice along slice_axis separately (zero-padded to a multiple of 4)."""
+    """Run the model on each slice along slice_axis separately (padded with the volume's minimum, as
+    training crops are, to a multiple of 4)."""
     out = []
     with torch.no_grad():
         for i in range(volume.shape[slice_axis]):
             sl = np.take(volume, i, axis=slice_axis)  # (H, W) in the remaining axes' order
             h, w = sl.shape
             x = torch.from_numpy(np.ascontiguousarray(sl))[None, None]
-            x = F.pad(x, (0, (-w) % 4, 0, (-h) % 4))
+            x = F.pad(x, (0, (-w) % 4, 0, (-h) % 4), value=float(volume.min()))
             out.append(model(x)[0, :, :h, :w].numpy())
     return np.stack(out, axis=slice_axis + 1)  # (C, X, Y, Z)
 
@@ -160,7 +161,7 @@ def test_sliding_window_with_one_window_equals_a_padded_forward_pass():
     volume = _volume((13, 10, 7))
     logits = predict_volume(model, volume, 0, (16, 16, 16), CPU)
     x = torch.from_numpy(volume)[None, None]
-    x = F.pad(x, (0, 16 - 7, 0, 16 - 10, 0, 16 - 13))
+    x = F.pad(x, (0, 16 - 7, 0, 16 - 10, 0, 16 - 13), value=float(volume.min()))  # as training crops pad
     with torch.no_grad():
         ref = model(x)[0, :, :13, :10, :7].numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)

@@ -71,7 +71,8 @@ class TrainerWorker:
         """The generalist masks of ``round_index`` for the unlabeled cases, gated by generalist score."""
         return load_pseudo_labels(PseudoLabelStore(self.cfg.run_dir / "pseudo_labels"), round_index,
                                   [v.case_id for v in self.unlabeled], self.cfg.data.slice_axis,
-                                  self.cfg.train.pseudo_label.min_sam_score)
+                                  self.cfg.train.pseudo_label.min_sam_score,
+                                  self.cfg.train.pseudo_label.consensus_only)
 
     def train_round(self, round_index: int, pseudo_round: int | None) -> dict:
         pseudo = self.load_pseudo_labels(pseudo_round) if pseudo_round is not None else None
@@ -79,6 +80,9 @@ class TrainerWorker:
         if pseudo:
             kept = np.concatenate([p.slice_weight for p in pseudo.values()])
             stats["pseudo_slices_kept"] = float(kept.mean()) if kept.size else float("nan")
+            voxels = [p.voxel_weight for p in pseudo.values() if p.voxel_weight is not None]
+            if voxels:
+                stats["pseudo_voxels_kept"] = float(np.mean([v.mean() for v in voxels]))
         stats["step"] = self.trainer.step
         return stats
 

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from pipeline.models.unet import UNet
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int, min_size: tuple[int, ...] | None = None) -> tuple[torch.Tensor, tuple]:
-    """Zero-pad the trailing spatial dims of ``x`` (B, C, *S) up to a multiple (and at least min_size)."""
+def _pad_to_multiple(x: torch.Tensor, multiple: int, min_size: tuple[int, ...] | None = None,
+                     value: float = 0.0) -> tuple[torch.Tensor, tuple]:
+    """Pad the trailing spatial dims of ``x`` (B, C, *S) with ``value`` up to a multiple (and at least
+    min_size)."""
     spatial = x.shape[2:]
     target = [int(np.ceil(s / multiple) * multiple) for s in spatial]
     if min_size is not None:
@@ -25,17 +27,21 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int, min_size: tuple[int, ...] |
     pad = []
     for s, t in zip(reversed(spatial), reversed(target), strict=True):
         pad += [0, t - s]
-    return F.pad(x, pad), tuple(spatial)
+    return F.pad(x, pad, value=value), tuple(spatial)
 
 
 @torch.inference_mode()
 def predict_slices(model: UNet, slices: np.ndarray, device: torch.device, batch_size: int = 16) -> np.ndarray:
-    """slices float32 (S, H, W) -> logits float32 (C, S, H, W)."""
+    """slices float32 (S, H, W) -> logits float32 (C, S, H, W).
+
+    Padding takes the minimum of ``slices`` (pass a whole volume's slices), as training crops do.
+    """
     model.eval()
     out = []
+    fill = float(slices.min()) if slices.size else 0.0
     for start in range(0, slices.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None].to(device)
-        xp, (h, w) = _pad_to_multiple(x, 2**model.depth)
+        xp, (h, w) = _pad_to_multiple(x, 2**model.depth, value=fill)
         out.append(model(xp)[:, :, :h, :w].float().cpu().numpy())
     return np.concatenate(out, axis=0).transpose(1, 0, 2, 3)
 
@@ -52,12 +58,13 @@ def _window_starts(size: int, patch: int) -> list[int]:
 
 @torch.inference_mode()
 def predict_patches(model: UNet, volume: np.ndarray, patch_size: tuple[int, int, int], device: torch.device) -> np.ndarray:
-    """volume float32 (X, Y, Z) -> logits float32 (C, X, Y, Z), sliding window with half-patch stride."""
+    """volume float32 (X, Y, Z) -> logits float32 (C, X, Y, Z), sliding window with half-patch stride.
+    Padding takes the volume's minimum, as training crops do."""
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
     mult = 2**model.depth
     patch = tuple(int(np.ceil(p / mult) * mult) for p in patch_size)
-    xp, shape = _pad_to_multiple(x, mult, min_size=patch)
+    xp, shape = _pad_to_multiple(x, mult, min_size=patch, value=float(volume.min()))
     size = xp.shape[2:]
     logits = None
     counts = torch.zeros(size)

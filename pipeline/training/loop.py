@@ -43,11 +43,20 @@ class PseudoLabel:
     """Stored generalist masks of an unlabeled case, in the volume's axis order.
 
     labels uint8 (X, Y, Z); slice_weight float32 (S,) along ``slice_axis``: 1 keeps a slice, 0 drops it
-    (gating by generalist score, decided when the pseudo-labels are loaded).
+    (gating by generalist score, decided when the pseudo-labels are loaded); voxel_weight bool (X, Y, Z)
+    or None: voxels to keep (the consensus gate), multiplied with the slice weight.
     """
 
     labels: np.ndarray
     slice_weight: np.ndarray
+    voxel_weight: np.ndarray | None = None
+
+    def weight(self, shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
+        """float32 ``shape`` (the volume's): slice weight broadcast along ``slice_axis``, times voxel weight."""
+        view = [1, 1, 1]
+        view[slice_axis] = -1
+        w = np.broadcast_to(self.slice_weight.reshape(view).astype(np.float32), shape)
+        return w if self.voxel_weight is None else w * self.voxel_weight
 
 
 def _foreground_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -106,16 +115,12 @@ class SpecialistTrainer:
             v = vols[int(self.rng.integers(len(vols)))]
             if labeled:
                 crop = sample_crop(v.image, v.label, None, tuple(cfg.model.patch_size), cfg.data.slice_axis,
-                                   self.rng, cfg.train.foreground_crop_probability)
+                                   self.rng, cfg.train.foreground_crop_probability, cfg.train.augment)
             else:
                 pl = None if pseudo is None else pseudo.get(v.case_id)
-                weight = None
-                if pl is not None:
-                    shape = [1, 1, 1]
-                    shape[cfg.data.slice_axis] = -1
-                    weight = np.broadcast_to(pl.slice_weight.reshape(shape), v.image.shape)
+                weight = None if pl is None else pl.weight(v.image.shape, cfg.data.slice_axis)
                 crop = sample_crop(v.image, None if pl is None else pl.labels, weight, tuple(cfg.model.patch_size),
-                                   cfg.data.slice_axis, self.rng, 0.0)
+                                   cfg.data.slice_axis, self.rng, 0.0, cfg.train.augment)
                 if crop.target is None:  # no pseudo-label for this case yet: excluded from the pseudo term
                     crop.target = np.zeros(crop.image.shape, np.uint8)
                     crop.weight = np.zeros(crop.image.shape, np.float32)

@@ -1,4 +1,5 @@
-"""Loading the stored generalist masks for training, with the per-slice score gate."""
+"""Loading the stored generalist masks for training, with the per-slice score gate and the optional
+voxel gate on agreement with the specialist."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ def slice_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
-                       min_score: float) -> dict[str, PseudoLabel]:
+                       min_score: float, consensus_only: bool = False) -> dict[str, PseudoLabel]:
     """The masks of ``round_index`` for ``case_ids`` in volume axis order, with slice weights 1/0.
 
     A slice without any prompt (score NaN) is kept: its pseudo-label is background, which the specialist
     itself predicted there. A prompted slice is kept when its mean score reaches ``min_score``.
+    ``consensus_only``: voxels where the pseudo-label differs from the specialist prediction stored with
+    it (the one its prompts came from) get weight 0 (``PseudoLabel.voxel_weight``).
     """
     out = {}
     for case_id in case_ids:
@@ -29,5 +32,8 @@ def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list
         mean = slice_scores(stored["scores"])
         keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
         labels = np.moveaxis(stored["pseudo_label"], 0, slice_axis)
-        out[case_id] = PseudoLabel(np.ascontiguousarray(labels), keep)
+        voxel = None
+        if consensus_only:
+            voxel = np.ascontiguousarray(np.moveaxis(stored["pseudo_label"] == stored["specialist"], 0, slice_axis))
+        out[case_id] = PseudoLabel(np.ascontiguousarray(labels), keep, voxel)
     return out

@@ -1,0 +1,24 @@
+"""The machine a benchmark ran on, written next to every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import ray
+import torch
+
+
+def machine_info() -> dict:
+    """Platform, Python, CPU count and model, memory (GiB), torch and Ray versions, whether CUDA is seen."""
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu_model = ""
+    try:
+        cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                          if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model, "memory_gib": round(mem_gib, 1), "torch": torch.__version__,
+            "ray": ray.__version__, "gpu": torch.cuda.is_available()}

@@ -1,0 +1,304 @@
+"""Quality benchmark: does SAM's supervision help? The method matrix on the fixed hippocampus split.
+
+    .venv/bin/python -m benchmarks.quality                       # the whole matrix (resumable)
+    .venv/bin/python -m benchmarks.quality --k 1 --rows supervised mean_teacher   # part of it
+    .venv/bin/python -m benchmarks.quality --report              # only aggregate, plot and print the table
+
+Cells are (k, row, seed): k labeled cases (the first k of the split's ``train_order``), the other 200-k
+unlabeled, 60 test cases. Every row of a k runs the same specialist (``conf/hippocampus.yaml``: 2D U-Net)
+with the same schedule and iteration budget (``BUDGET``); the rows differ only in the method overrides
+(``ROWS``). The fully supervised row (all 200 labeled) is the ceiling, run once per seed.
+
+Each cell is a normal run (``pipeline.coordinator.Coordinator``, actors on one local Ray cluster shared
+by all cells) in ``runs/quality/<cell>``. When it finishes, its numbers go to
+``benchmarks/results/quality/<cell>.json`` (committed); a cell with that file is skipped, and a run folder
+left by an interrupted cell resumes after its last completed round. After the cells, the aggregate
+(mean ± std over seeds) goes to ``benchmarks/results/quality.json`` and the plots to ``docs/figures/``.
+
+Test metrics are those of the last round's checkpoint on the 60 test cases: Dice and Jaccard per class
+(1 anterior, 2 posterior) and their mean, HD95 and ASD in mm. For SemiSAM rows every relabel round is
+audited: Dice of the stored pseudo-labels and of the specialist's own predictions against the hidden
+labels of the unlabeled cases (read by the driver after the round, never by training or prompting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.machine import machine_info
+from pipeline.atomic import atomic_write_text
+from pipeline.config import RunConfig, load_config
+
+log = logging.getLogger("benchmarks.quality")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "conf" / "hippocampus.yaml"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "docs" / "figures"
+FULL_K = 200
+
+# One schedule for every row: 3 rounds of 200 iterations (round 0 without pseudo-labels; SemiSAM rows
+# relabel before rounds 1 and 2 with the previous round's checkpoint). Only the last round is evaluated
+# on the test split (it costs more than a round of training on this machine).
+BUDGET = ["rounds=3", "train.iterations=200", "train.consistency.rampup_iterations=300",
+          "train.pseudo_label.rampup_iterations=100", "train.log_every=200", "eval.every_round=false"]
+_NO_PL = "train.pseudo_label.enabled=false"
+ROWS: dict[str, list[str]] = {
+    "supervised": ["train.method=supervised", _NO_PL],
+    "mean_teacher": ["train.method=mean_teacher", _NO_PL],
+    "uamt": ["train.method=uamt", _NO_PL],
+    "mean_teacher+semisam": ["train.method=mean_teacher", "train.pseudo_label.enabled=true",
+                             "eval.audit_pseudo_labels=true"],
+    "uamt+semisam": ["train.method=uamt", "train.pseudo_label.enabled=true", "eval.audit_pseudo_labels=true"],
+    "full_supervised": ["train.method=supervised", _NO_PL],
+}
+KS = [1, 2, 4]
+SEEDS = [0, 1, 2]
+METRICS = ["dice", "jaccard", "hd95_mm", "asd_mm"]
+
+
+def cell_name(k: int, row: str, seed: int) -> str:
+    return f"k{k:03d}-{row.replace('+', '-')}-s{seed}"
+
+
+def cell_config(k: int, row: str, seed: int, data: Path, workdir: Path, extra: list[str]) -> RunConfig:
+    overrides = [*BUDGET, *ROWS[row], f"data.num_labeled={k}", f"seed={seed}", f"name={cell_name(k, row, seed)}",
+                 f"output_dir={workdir}", f"data.root={data}", f"data.split_file={data / 'splits.json'}", *extra]
+    if row == "full_supervised":
+        overrides.append("eval.audit_pseudo_labels=false")
+    return load_config(CONFIG, overrides)
+
+
+def final_metrics(eval_df: pd.DataFrame) -> dict[str, float]:
+    """Per-class and mean Dice/Jaccard/HD95/ASD of one round's eval table (rows: case x class)."""
+    out = {}
+    for m in METRICS:
+        out[m] = float(np.nanmean(eval_df[m]))
+        for cid, g in eval_df.groupby("class_id"):
+            out[f"{m}_class{cid}"] = float(np.nanmean(g[m]))
+    return out
+
+
+def audit_means(run_dir: Path) -> list[dict]:
+    """Mean audit Dice per relabel round (and per class) of a run: pseudo-labels vs specialist."""
+    rows = []
+    for path in sorted((run_dir / "audit").glob("round_*.parquet")):
+        a = pd.read_parquet(path)
+        row = {"round": int(a["round"].iloc[0]), "pseudo_dice": float(a["pseudo_dice"].mean()),
+               "specialist_dice": float(a["specialist_dice"].mean())}
+        for cid, g in a.groupby("class_id"):
+            row[f"pseudo_dice_class{cid}"] = float(g["pseudo_dice"].mean())
+            row[f"specialist_dice_class{cid}"] = float(g["specialist_dice"].mean())
+        rows.append(row)
+    return rows
+
+
+def run_cell(cfg: RunConfig, k: int, row: str, seed: int, command: str) -> dict:
+    from pipeline.coordinator import Coordinator
+
+    start = time.perf_counter()
+    coordinator = Coordinator(cfg)
+    try:
+        summaries = coordinator.run()
+    finally:
+        coordinator.shutdown()
+    last = cfg.rounds - 1
+    eval_df = pd.read_parquet(cfg.run_dir / "eval" / f"round_{last:03d}.parquet")
+    return {
+        "cell": cfg.name, "k": k, "row": row, "seed": seed,
+        "final": final_metrics(eval_df),
+        "test_cases": int(eval_df["case_id"].nunique()),
+        "rounds": [{"round": s.round, "seconds": round(s.seconds, 1), "test_dice": s.test.get("dice"),
+                    "train": s.train, "relabel": s.relabel} for s in summaries],
+        "audit": audit_means(cfg.run_dir),
+        "overrides": [*BUDGET, *ROWS[row]],
+        "seconds_this_call": round(time.perf_counter() - start, 1),
+        "command": command, "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+
+
+# -- aggregate ---------------------------------------------------------------------------------------
+def load_cells(cells_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """One entry per (row, k): mean and std over seeds of every final metric, and of the audit per round."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["row"], c["k"]), []).append(c)
+    out = []
+    for (row, k), cs in sorted(groups.items(), key=lambda x: (list(ROWS).index(x[0][0]), x[0][1])):
+        entry: dict = {"row": row, "k": k, "seeds": sorted(c["seed"] for c in cs)}
+        for key in cs[0]["final"]:
+            vals = np.array([c["final"][key] for c in cs], float)
+            entry[key] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals))}
+        audit_rounds = sorted({a["round"] for c in cs for a in c["audit"]})
+        entry["audit"] = []
+        for r in audit_rounds:
+            per = [a for c in cs for a in c["audit"] if a["round"] == r]
+            entry["audit"].append({"round": r, **{
+                key: {"mean": float(np.mean([a[key] for a in per])), "std": float(np.std([a[key] for a in per]))}
+                for key in per[0] if key != "round"}})
+        out.append(entry)
+    return out
+
+
+def _ms(d: dict, digits: int = 3) -> str:
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def markdown(table: list[dict]) -> str:
+    """The results table and the audit table, as Markdown."""
+    lines = ["| k | row | seeds | Dice mean | Dice ant. | Dice post. | Jaccard mean | Jacc. ant. | Jacc. post. "
+             "| HD95 (mm) | ASD (mm) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        lines.append(f"| {e['k']} | {e['row']} | {len(e['seeds'])} | **{_ms(e['dice'])}** | {_ms(e['dice_class1'])} | "
+                     f"{_ms(e['dice_class2'])} | {_ms(e['jaccard'])} | {_ms(e['jaccard_class1'])} | "
+                     f"{_ms(e['jaccard_class2'])} | {_ms(e['hd95_mm'], 2)} | {_ms(e['asd_mm'], 2)} |")
+    lines += ["", "Pseudo-label audit (unlabeled cases, against their hidden labels; mean over cases and classes):",
+              "", "| k | row | round | pseudo-label Dice | specialist Dice | difference |", "|---|---|---|---|---|---|"]
+    for e in table:
+        for a in e["audit"]:
+            diff = a["pseudo_dice"]["mean"] - a["specialist_dice"]["mean"]
+            lines.append(f"| {e['k']} | {e['row']} | {a['round']} | {_ms(a['pseudo_dice'])} | "
+                         f"{_ms(a['specialist_dice'])} | {diff:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], out_dir: Path) -> list[Path]:
+    """dice_vs_k.png (test Dice against k per row) and pseudo_label_dice.png (audit per round)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for row in ROWS:
+        es = [e for e in table if e["row"] == row]
+        if not es or row == "full_supervised":
+            continue
+        ks = [e["k"] for e in es]
+        ax.errorbar(ks, [e["dice"]["mean"] for e in es], yerr=[e["dice"]["std"] for e in es], marker="o",
+                    capsize=3, label=row)
+    for e in table:
+        if e["row"] == "full_supervised":
+            ax.axhline(e["dice"]["mean"], color="k", ls="--", lw=1, label=f"full supervised ({FULL_K})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(KS, [str(k) for k in KS])
+    ax.set_xlabel("labeled cases k")
+    ax.set_ylabel("test Dice (mean of 2 classes, 60 cases)")
+    ax.set_title("MSD Hippocampus: test Dice against k (mean ± std, 3 seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_dice_vs_k.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for e in table:
+        if not e["audit"]:
+            continue
+        rounds = [a["round"] for a in e["audit"]]
+        line = ax.errorbar(rounds, [a["pseudo_dice"]["mean"] for a in e["audit"]],
+                           yerr=[a["pseudo_dice"]["std"] for a in e["audit"]], marker="o", capsize=3,
+                           label=f"k={e['k']} {e['row']}: pseudo-label")
+        ax.plot(rounds, [a["specialist_dice"]["mean"] for a in e["audit"]], ls=":", marker="x",
+                color=line[0].get_color(), label=f"k={e['k']} {e['row']}: specialist")
+    ax.set_xlabel("relabel round")
+    ax.set_ylabel("Dice vs hidden labels (unlabeled cases)")
+    ax.set_title("Pseudo-label audit per round (mean ± std, 3 seeds)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_pseudo_label_dice.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def report(cells_dir: Path, out: Path, figures: Path) -> str:
+    cells = load_cells(cells_dir)
+    table = aggregate(cells)
+    atomic_write_text(out, json.dumps({"budget": BUDGET, "rows": ROWS, "config": str(CONFIG.relative_to(ROOT)),
+                                       "table": table, "cells": [c["cell"] for c in cells]}, indent=1))
+    if table:
+        plot(table, figures)
+    return markdown(table)
+
+
+# -- main --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--k", type=int, nargs="+", default=KS)
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "quality")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--report", action="store_true", help="only aggregate the finished cells")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for every cell (changes the results: use another --results)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    log.setLevel(logging.INFO)
+    cells_dir = args.results / "quality"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    if not args.report:
+        if not (args.data / "dataset.json").is_file():
+            log.error("no dataset at %s (give --data)", args.data)
+            return 2
+        todo = []
+        for seed in args.seeds:
+            for k in args.k:
+                for row in args.rows:
+                    if row == "full_supervised":
+                        continue
+                    todo.append((k, row, seed))
+            if "full_supervised" in args.rows:
+                todo.append((FULL_K, "full_supervised", seed))
+        todo = [t for t in todo if not (cells_dir / f"{cell_name(*t)}.json").exists()]
+        # validate every config before any work starts
+        configs = [cell_config(k, row, seed, args.data, args.workdir, args.set) for k, row, seed in todo]
+        log.info("%d cells to run", len(todo))
+        if todo:
+            import ray
+
+            from pipeline.ray_runtime import init_ray
+
+            init_ray(configs[0].workers)
+            try:
+                for (k, row, seed), cfg in zip(todo, configs, strict=True):
+                    log.info("cell %s", cfg.name)
+                    result = run_cell(cfg, k, row, seed, command)
+                    atomic_write_text(cells_dir / f"{cfg.name}.json", json.dumps(result, indent=1))
+                    log.info("cell %s: test Dice %.3f in %.0f s", cfg.name, result["final"]["dice"],
+                             result["seconds_this_call"])
+            finally:
+                ray.shutdown()
+    print(report(cells_dir, args.results / "quality.json", FIGURES), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

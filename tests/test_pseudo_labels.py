@@ -1,0 +1,53 @@
+"""Loading stored pseudo-labels for training: volume axis order, the score gate, the consensus gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.store import PseudoLabelStore
+from pipeline.training.pseudo_labels import load_pseudo_labels, slice_scores
+
+
+@pytest.fixture
+def store(tmp_path):
+    """One case of 3 slices (4 x 5), slice-first as stored; slice 0 scored 0.9, slice 1 scored 0.2,
+    slice 2 unprompted. The pseudo-label differs from the specialist on 2 voxels of slice 0."""
+    s = PseudoLabelStore(tmp_path / "pl", create=True, class_ids=[1, 2], slice_axis=2)
+    s.ensure_round(1, 0, "classical")
+    specialist = np.zeros((3, 4, 5), np.uint8)
+    specialist[0, 1:3, 1:4] = 1
+    specialist[1, 0:2, 0:2] = 2
+    pseudo = specialist.copy()
+    pseudo[0, 1, 1] = 0   # generalist removes a voxel
+    pseudo[0, 3, 4] = 2   # and adds one
+    scores = np.array([[0.9, np.nan], [np.nan, 0.2], [np.nan, np.nan]], np.float32)
+    s.write_case(1, "case_a", pseudo, specialist, scores, {})
+    return s, pseudo, specialist
+
+
+def test_slice_scores_mean_over_prompted_classes():
+    out = slice_scores(np.array([[0.9, 0.5], [np.nan, 0.2], [np.nan, np.nan]], np.float32))
+    np.testing.assert_allclose(out[:2], [0.7, 0.2], rtol=1e-6)
+    assert np.isnan(out[2])
+
+
+def test_volume_order_and_score_gate(store):
+    s, pseudo, _ = store
+    pl = load_pseudo_labels(s, 1, ["case_a"], slice_axis=2, min_score=0.5)["case_a"]
+    assert pl.labels.shape == (4, 5, 3)                       # slices back on axis 2
+    np.testing.assert_array_equal(pl.labels[..., 0], pseudo[0])
+    np.testing.assert_array_equal(pl.slice_weight, [1.0, 0.0, 1.0])  # low score dropped, unprompted kept
+    assert pl.voxel_weight is None
+    w = pl.weight(pl.labels.shape, 2)
+    assert w.shape == (4, 5, 3) and (w[..., 1] == 0).all() and (w[..., [0, 2]] == 1).all()
+
+
+def test_consensus_gate_drops_voxels_where_generalist_and_specialist_differ(store):
+    s, pseudo, specialist = store
+    pl = load_pseudo_labels(s, 1, ["case_a"], slice_axis=2, min_score=0.0, consensus_only=True)["case_a"]
+    expected = np.moveaxis(pseudo == specialist, 0, 2)
+    np.testing.assert_array_equal(pl.voxel_weight, expected)
+    w = pl.weight(pl.labels.shape, 2)
+    assert w.sum() == 3 * 4 * 5 - 2
+    assert w[1, 1, 0] == 0 and w[3, 4, 0] == 0 and w[1, 2, 0] == 1

@@ -1,0 +1,66 @@
+"""The quality benchmark's bookkeeping: cell configs, aggregation over seeds, the tables and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import quality
+
+
+def _cell(row: str, k: int, seed: int, dice1: float, audit: list[tuple[int, float, float]] = ()) -> dict:
+    final = {}
+    for m, base in (("dice", dice1), ("jaccard", dice1 / 2), ("hd95_mm", 10.0), ("asd_mm", 2.0)):
+        final[m] = base
+        final[f"{m}_class1"] = base
+        final[f"{m}_class2"] = base
+    return {"cell": quality.cell_name(k, row, seed), "row": row, "k": k, "seed": seed, "final": final,
+            "audit": [{"round": r, "pseudo_dice": p, "specialist_dice": s} for r, p, s in audit]}
+
+
+def test_cell_config_applies_the_row_and_the_budget(tmp_path):
+    data = quality.DEFAULT_DATA
+    cfg = quality.cell_config(2, "uamt+semisam", 1, data, tmp_path, [])
+    assert (cfg.data.num_labeled, cfg.seed, cfg.train.method) == (2, 1, "uamt")
+    assert cfg.train.pseudo_label.enabled and cfg.eval.audit_pseudo_labels
+    assert (cfg.rounds, cfg.train.iterations) == (3, 200)
+    assert cfg.run_dir == tmp_path / "k002-uamt-semisam-s1"
+    plain = quality.cell_config(2, "mean_teacher", 1, data, tmp_path, [])
+    assert not plain.train.pseudo_label.enabled and plain.train.method == "mean_teacher"
+    # every row of a k shares everything but the method keys
+    a, b = cfg.model_dump(), plain.model_dump()
+    for key in ("model", "data", "rounds", "prompts", "generalist"):
+        assert a[key] == b[key], key
+    for key in ("iterations", "labeled_batch_size", "unlabeled_batch_size", "lr", "augment"):
+        assert a["train"][key] == b["train"][key], key
+
+
+def test_final_metrics_means_per_class_skipping_nan():
+    df = pd.DataFrame({"case_id": ["a", "a", "b", "b"], "class_id": [1, 2, 1, 2], "dice": [0.8, 0.6, 0.4, 0.2],
+                       "jaccard": [0.6, 0.4, 0.2, 0.1], "hd95_mm": [1.0, np.nan, 3.0, 5.0],
+                       "asd_mm": [1.0, 1.0, 1.0, 1.0]})
+    m = quality.final_metrics(df)
+    assert m["dice"] == pytest.approx(0.5) and m["dice_class1"] == pytest.approx(0.6)
+    assert m["hd95_mm"] == pytest.approx(3.0) and m["hd95_mm_class2"] == pytest.approx(5.0)
+
+
+def test_aggregate_mean_std_over_seeds_and_audit_per_round(tmp_path):
+    cells = [_cell("supervised", 1, 0, 0.4), _cell("supervised", 1, 1, 0.6),
+             _cell("mean_teacher+semisam", 1, 0, 0.5, [(1, 0.3, 0.5), (2, 0.4, 0.6)]),
+             _cell("mean_teacher+semisam", 1, 1, 0.7, [(1, 0.5, 0.5), (2, 0.6, 0.6)])]
+    for c in cells:
+        (tmp_path / f"{c['cell']}.json").write_text(json.dumps(c))
+    table = quality.aggregate(quality.load_cells(tmp_path))
+    assert [(e["row"], e["k"]) for e in table] == [("supervised", 1), ("mean_teacher+semisam", 1)]
+    assert table[0]["dice"]["mean"] == pytest.approx(0.5) and table[0]["dice"]["std"] == pytest.approx(0.1)
+    audit = table[1]["audit"]
+    assert [a["round"] for a in audit] == [1, 2]
+    assert audit[0]["pseudo_dice"]["mean"] == pytest.approx(0.4)
+    text = quality.markdown(table)
+    assert "**0.500 ± 0.100**" in text and "| 1 | mean_teacher+semisam | 1 | 0.400 ± 0.100 | 0.500 ± 0.000 | -0.100 |" in text
+    paths = quality.plot(table, tmp_path / "fig")
+    assert [p.name for p in paths] == ["quality_dice_vs_k.png", "quality_pseudo_label_dice.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
