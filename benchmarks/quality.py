@@ -46,6 +46,8 @@ CONFIG = ROOT / "conf" / "hippocampus.yaml"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
+DOCS = ROOT / "docs" / "benchmarks.md"
+TABLE_START, TABLE_END = "<!-- quality-table: written by python -m benchmarks.quality -->", "<!-- /quality-table -->"
 FULL_K = 200
 
 # One schedule for every row: 3 rounds of 200 iterations (round 0 without pseudo-labels; SemiSAM rows
@@ -236,14 +238,44 @@ def plot(table: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def report(cells_dir: Path, out: Path, figures: Path) -> str:
+def provenance(cells: list[dict]) -> str:
+    """One line: the dates, machine and summed run time of the cells."""
+    if not cells:
+        return ""
+    dates = sorted(c["date"][:10] for c in cells)
+    m = cells[-1]["machine"]
+    total = sum(sum(r["seconds"] for r in c["rounds"]) for c in cells)
+    return (f"{len(cells)} cells, run {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+            + f" on {m['cpu_count']} CPUs ({m['cpu_model'] or 'unknown CPU'}), {m['memory_gib']} GiB, torch "
+            f"{m['torch']}, Ray {m['ray']}, GPU: {'yes' if m['gpu'] else 'none'}; the rounds of all cells took "
+            f"{total / 60:.0f} min in total.\n")
+
+
+def update_docs(docs: Path, text: str) -> bool:
+    """Replace the text between the quality-table markers of ``docs``; False when the markers are absent."""
+    if not docs.is_file():
+        return False
+    doc = docs.read_text()
+    if TABLE_START not in doc or TABLE_END not in doc:
+        return False
+    head, rest = doc.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    atomic_write_text(docs, f"{head}{TABLE_START}\n{text}{TABLE_END}{tail}")
+    return True
+
+
+def report(cells_dir: Path, out: Path, figures: Path, docs: Path | None = DOCS) -> str:
+    """Aggregate the finished cells into ``out``, draw the plots, refresh the table in ``docs``."""
     cells = load_cells(cells_dir)
     table = aggregate(cells)
     atomic_write_text(out, json.dumps({"budget": BUDGET, "rows": ROWS, "config": str(CONFIG.relative_to(ROOT)),
                                        "table": table, "cells": [c["cell"] for c in cells]}, indent=1))
     if table:
         plot(table, figures)
-    return markdown(table)
+    text = markdown(table) + "\n" + provenance(cells)
+    if docs is not None:
+        update_docs(docs, text)
+    return text
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -302,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                              result["seconds_this_call"])
             finally:
                 ray.shutdown()
-    print(report(cells_dir, args.results / "quality.json", FIGURES), end="")
+    docs = DOCS if args.results == RESULTS else None  # other experiments (--set) do not touch the docs
+    print(report(cells_dir, args.results / "quality.json", FIGURES if docs else args.results / "figures", docs),
+          end="")
     return 0
 
 

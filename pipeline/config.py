@@ -224,7 +224,9 @@ class SamPoolConfig(ActorResources):
 
 class WorkersConfig(_Strict):
     address: str | None = None
-    """Ray address to connect to; None connects to RAY_ADDRESS when set (``ray job submit``), else starts a local cluster."""
+    """Ray address to connect to (``host:port``, ``ray://host:port``, or ``auto`` for the cluster ``ray start``
+    started on this machine); None connects to RAY_ADDRESS when set (``ray job submit``), else starts a new
+    local cluster."""
     local_num_cpus: int | None = None
     """CPUs of a locally started cluster (None: all of this machine's)."""
     local_num_gpus: int | None = None

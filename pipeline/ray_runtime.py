@@ -1,7 +1,10 @@
 """Connecting to Ray and placing actors with the resources in config.
 
 ``semisam run`` on a laptop starts a local cluster; under ``ray job submit`` (which sets RAY_ADDRESS),
-or with ``workers.address`` set, it connects to the existing cluster instead.
+or with ``workers.address`` set, it connects to the existing cluster instead. ``workers.address: auto``
+connects to the cluster that ``ray start`` last started on this machine. Without any of these a new
+local cluster is started even when a ``ray start`` cluster runs here (plain ``ray.init()`` would attach
+to it and then refuse our ``num_cpus``).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def init_ray(cfg: WorkersConfig) -> bool:
     else:
         log.info("starting a local Ray cluster (dashboard %s)",
                  f"on {cfg.dashboard_host}" if cfg.include_dashboard else "off")
-        ray.init(num_cpus=cfg.local_num_cpus, num_gpus=cfg.local_num_gpus, include_dashboard=cfg.include_dashboard,
-                 dashboard_host=cfg.dashboard_host, log_to_driver=True)
+        ray.init(address="local", num_cpus=cfg.local_num_cpus, num_gpus=cfg.local_num_gpus,
+                 include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host, log_to_driver=True)
     return True
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_with_gpus():
-    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

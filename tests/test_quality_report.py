@@ -67,3 +67,13 @@ def test_aggregate_mean_std_over_seeds_and_audit_per_round(tmp_path):
     paths = quality.plot(table, tmp_path / "fig")
     assert [p.name for p in paths] == ["quality_dice_vs_k.png", "quality_pseudo_label_dice.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_update_docs_replaces_only_the_marked_table(tmp_path):
+    docs = tmp_path / "b.md"
+    docs.write_text(f"intro\n{quality.TABLE_START}\nold table\n{quality.TABLE_END}\nafter\n")
+    assert quality.update_docs(docs, "new table\n")
+    assert docs.read_text() == f"intro\n{quality.TABLE_START}\nnew table\n{quality.TABLE_END}\nafter\n"
+    plain = tmp_path / "c.md"
+    plain.write_text("no markers\n")
+    assert not quality.update_docs(plain, "x") and plain.read_text() == "no markers\n"
