@@ -226,7 +226,8 @@ def plot(table: list[dict], out_dir: Path) -> list[Path]:
                            label=f"k={e['k']} {e['row']}: pseudo-label")
         ax.plot(rounds, [a["specialist_dice"]["mean"] for a in e["audit"]], ls=":", marker="x",
                 color=line[0].get_color(), label=f"k={e['k']} {e['row']}: specialist")
-    ax.set_xlabel("relabel round")
+    ax.set_xticks(sorted({a["round"] for e in table for a in e["audit"]}))
+    ax.set_xlabel("relabel round (pseudo-labels from the checkpoint of the round before)")
     ax.set_ylabel("Dice vs hidden labels (unlabeled cases)")
     ax.set_title("Pseudo-label audit per round (mean ± std, 3 seeds)")
     ax.legend(fontsize=6, ncol=2)
