@@ -45,7 +45,7 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.common import machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import checkpoint_path, save_checkpoint
 from pipeline.config import RunConfig, load_config
@@ -777,9 +777,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    log.setLevel(logging.INFO)
+    setup_logging(args.verbose, log)
     if not (args.data / "splits.json").is_file():
         log.error("%s has no splits.json: point --data at the MSD Hippocampus folder", args.data)
         return 2

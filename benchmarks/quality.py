@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.machine import machine_info
+from benchmarks.common import machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.config import RunConfig, load_config
 
@@ -297,9 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    log.setLevel(logging.INFO)
+    setup_logging(args.verbose, log)
     cells_dir = args.results / "quality"
     cells_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)

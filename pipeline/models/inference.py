@@ -34,7 +34,8 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int, min_size: tuple[int, ...] |
 def predict_slices(model: UNet, slices: np.ndarray, device: torch.device, batch_size: int = 16) -> np.ndarray:
     """slices float32 (S, H, W) -> logits float32 (C, S, H, W).
 
-    Padding takes the minimum of ``slices`` (pass a whole volume's slices), as training crops do.
+    Padding takes the minimum of ``slices`` (pass a whole volume's slices): training crops are padded with
+    their image's minimum too (in 2D the slice's, which is at most slightly above the volume's).
     """
     model.eval()
     out = []

@@ -1,7 +1,8 @@
-"""The machine a benchmark ran on, written next to every result."""
+"""What every benchmark script shares: the machine description written next to each result, and logging."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from pathlib import Path
@@ -22,3 +23,10 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "cpu_model": cpu_model, "memory_gib": round(mem_gib, 1), "torch": torch.__version__,
             "ray": ray.__version__, "gpu": torch.cuda.is_available()}
+
+
+def setup_logging(verbose: bool, log: logging.Logger) -> None:
+    """WARNING for the library (INFO with ``verbose``), INFO for the benchmark's own logger ``log``."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    log.setLevel(logging.INFO)
