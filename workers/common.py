@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -42,3 +43,15 @@ def process_info() -> dict:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "gpu_ids": accelerator_ids(),
     }
+
+
+def return_free_heap() -> None:
+    """Hand memory that Python/torch already freed back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    Without it a SAM actor's resident memory crept up ~85 MiB over 100 cases: freed heap that glibc kept,
+    not live data. A long relabel round on a shared node should not look like a leak to the scheduler.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -18,7 +18,7 @@ from pipeline.generalist.factory import make_generalist
 from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
 from pipeline.store import PseudoLabelStore
-from workers.common import process_info, start_worker
+from workers.common import process_info, return_free_heap, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class SamWorker:
                 "volume_shape": list(image.shape),
             })
             rows.extend(out.rows)
+        return_free_heap()
         self.seconds += time.perf_counter() - start
         return rows
 
