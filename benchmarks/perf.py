@@ -23,7 +23,6 @@ Everything runs on the real MSD Hippocampus data (``../shared/data/hippocampus``
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import gc
 import json
@@ -63,7 +62,7 @@ from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.relabel import relabel_case
 from pipeline.store import PseudoLabelStore
 from pipeline.training.loop import SpecialistTrainer, TrainVolume
-from workers.common import process_info
+from workers.common import process_info, return_free_heap
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
 
@@ -140,11 +139,7 @@ def vmrss_mib() -> float:
 def rss_after_trim() -> float | None:
     """VmRSS after ``gc.collect()`` and glibc's ``malloc_trim(0)`` (None where there is no glibc)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return None
-    return vmrss_mib()
+    return vmrss_mib() if return_free_heap() else None
 
 
 def goal_met(ratio: float, op: str, value: float) -> bool:

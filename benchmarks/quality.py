@@ -38,6 +38,7 @@ import pandas as pd
 from benchmarks.common import machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.config import RunConfig, load_config
+from pipeline.evaluation import METRIC_COLUMNS, round_means
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -70,29 +71,28 @@ ROWS: dict[str, list[str]] = {
 FULL_ROWS = ("full_supervised", "full_supervised_long")
 KS = [1, 2, 4]
 SEEDS = [0, 1, 2]
-METRICS = ["dice", "jaccard", "hd95_mm", "asd_mm"]
 
 
 def cell_name(k: int, row: str, seed: int) -> str:
     return f"k{k:03d}-{row.replace('+', '-')}-s{seed}"
 
 
-def cell_config(k: int, row: str, seed: int, data: Path, workdir: Path, extra: list[str]) -> RunConfig:
+def cell_overrides(k: int, row: str, seed: int, data: Path, workdir: Path, extra: list[str]) -> list[str]:
+    """Every override of ``conf/hippocampus.yaml`` that makes the cell (k, row, seed)."""
     overrides = [*BUDGET, *ROWS[row], f"data.num_labeled={k}", f"seed={seed}", f"name={cell_name(k, row, seed)}",
                  f"output_dir={workdir}", f"data.root={data}", f"data.split_file={data / 'splits.json'}", *extra]
     if row in FULL_ROWS:
         overrides.append("eval.audit_pseudo_labels=false")
-    return load_config(CONFIG, overrides)
+    return overrides
+
+
+def cell_config(k: int, row: str, seed: int, data: Path, workdir: Path, extra: list[str]) -> RunConfig:
+    return load_config(CONFIG, cell_overrides(k, row, seed, data, workdir, extra))
 
 
 def final_metrics(eval_df: pd.DataFrame) -> dict[str, float]:
     """Per-class and mean Dice/Jaccard/HD95/ASD of one round's eval table (rows: case x class)."""
-    out = {}
-    for m in METRICS:
-        out[m] = float(np.nanmean(eval_df[m]))
-        for cid, g in eval_df.groupby("class_id"):
-            out[f"{m}_class{cid}"] = float(np.nanmean(g[m]))
-    return out
+    return round_means(eval_df, per_class=METRIC_COLUMNS)
 
 
 def audit_means(run_dir: Path) -> list[dict]:
@@ -109,7 +109,7 @@ def audit_means(run_dir: Path) -> list[dict]:
     return rows
 
 
-def run_cell(cfg: RunConfig, k: int, row: str, seed: int, command: str) -> dict:
+def run_cell(cfg: RunConfig, k: int, row: str, seed: int, command: str, overrides: list[str]) -> dict:
     from pipeline.coordinator import Coordinator
 
     start = time.perf_counter()
@@ -127,7 +127,8 @@ def run_cell(cfg: RunConfig, k: int, row: str, seed: int, command: str) -> dict:
         "rounds": [{"round": s.round, "seconds": round(s.seconds, 1), "test_dice": s.test.get("dice"),
                     "train": s.train, "relabel": s.relabel} for s in summaries],
         "audit": audit_means(cfg.run_dir),
-        "overrides": [*BUDGET, *ROWS[row]],
+        "overrides": overrides,
+        "config": cfg.model_dump(mode="json"),
         "seconds_this_call": round(time.perf_counter() - start, 1),
         "command": command, "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                     todo.append((FULL_K, row, seed))
         todo = [t for t in todo if not (cells_dir / f"{cell_name(*t)}.json").exists()]
         # validate every config before any work starts
-        configs = [cell_config(k, row, seed, args.data, args.workdir, args.set) for k, row, seed in todo]
+        overrides = [cell_overrides(k, row, seed, args.data, args.workdir, args.set) for k, row, seed in todo]
+        configs = [load_config(CONFIG, o) for o in overrides]
         log.info("%d cells to run", len(todo))
         if todo:
             import ray
@@ -325,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
             init_ray(configs[0].workers)
             try:
-                for (k, row, seed), cfg in zip(todo, configs, strict=True):
+                for (k, row, seed), cfg, cell_set in zip(todo, configs, overrides, strict=True):
                     log.info("cell %s", cfg.name)
-                    result = run_cell(cfg, k, row, seed, command)
+                    result = run_cell(cfg, k, row, seed, command, cell_set)
                     atomic_write_text(cells_dir / f"{cfg.name}.json", json.dumps(result, indent=1))
                     log.info("cell %s: test Dice %.3f in %.0f s", cfg.name, result["final"]["dice"],
                              result["seconds_this_call"])

@@ -107,6 +107,12 @@ class PseudoLabelConfig(_Strict):
     toward its errors while it still removes the specialist's voxels it disputes."""
 
 
+    @property
+    def active(self) -> bool:
+        """The term takes part in training (enabled with a positive weight): only then is anything relabeled."""
+        return self.enabled and self.weight > 0
+
+
 class AugmentConfig(_Strict):
     """Augmentation of training crops (see ``pipeline.training.augment``); labeled and unlabeled alike."""
 

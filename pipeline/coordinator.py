@@ -134,9 +134,8 @@ class Coordinator:
         self.state = prepare_run_dir(cfg)
         self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
                                       class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
-        pl = cfg.train.pseudo_label
         # Without the pseudo-label term there is nothing to relabel: no SAM pool, rounds only train.
-        self.relabels = bool(self.split.unlabeled) and pl.enabled and pl.weight > 0
+        self.relabels = bool(self.split.unlabeled) and cfg.train.pseudo_label.active
         self._started_ray = init_ray(cfg.workers)
         cfg_dict = cfg.model_dump(mode="json")
         w = cfg.workers

@@ -50,12 +50,20 @@ def evaluate_model(model: UNet, volumes: list[EvalVolume], cfg: RunConfig, class
     return pd.DataFrame(rows)
 
 
-def round_means(df: pd.DataFrame) -> dict[str, float]:
-    """Mean over cases and classes (NaN distances skipped) of each metric: the per-round summary."""
-    cols = ["dice", "jaccard", "hd95_mm", "asd_mm"]
-    out = {c: float(np.nanmean(df[c])) if len(df) and df[c].notna().any() else float("nan") for c in cols}
-    for cid, g in df.groupby("class_id"):
-        out[f"dice_class{cid}"] = float(g["dice"].mean())
+METRIC_COLUMNS = ("dice", "jaccard", "hd95_mm", "asd_mm")
+
+
+def _nanmean(values: pd.Series) -> float:
+    return float(np.nanmean(values)) if len(values) and values.notna().any() else float("nan")
+
+
+def round_means(df: pd.DataFrame, per_class: tuple[str, ...] = ("dice",)) -> dict[str, float]:
+    """Mean over cases and classes (NaN distances skipped) of each metric: the per-round summary; and
+    ``<metric>_class<id>``, the mean over cases, for the metrics in ``per_class``."""
+    out = {c: _nanmean(df[c]) for c in METRIC_COLUMNS}
+    for m in per_class:
+        for cid, g in df.groupby("class_id"):
+            out[f"{m}_class{cid}"] = _nanmean(g[m])
     return out
 
 

@@ -36,6 +36,9 @@ def test_cell_config_applies_the_row_and_the_budget(tmp_path):
         assert a[key] == b[key], key
     for key in ("iterations", "labeled_batch_size", "unlabeled_batch_size", "lr", "augment"):
         assert a["train"][key] == b["train"][key], key
+    extra = quality.cell_overrides(1, "mean_teacher+semisam", 0, data, tmp_path, ["train.pseudo_label.consensus_only=true"])
+    assert extra[-1] == "train.pseudo_label.consensus_only=true"  # what a cell JSON records as its overrides
+    assert quality.cell_config(1, "mean_teacher+semisam", 0, data, tmp_path, extra[-1:]).train.pseudo_label.consensus_only
     ceiling = quality.cell_config(quality.FULL_K, "full_supervised_long", 0, data, tmp_path, [])
     assert (ceiling.data.num_labeled, ceiling.train.iterations) == (200, 1000)
     assert not ceiling.eval.audit_pseudo_labels

@@ -45,13 +45,15 @@ def process_info() -> dict:
     }
 
 
-def return_free_heap() -> None:
+def return_free_heap() -> bool:
     """Hand memory that Python/torch already freed back to the OS (glibc ``malloc_trim``; no-op elsewhere).
 
     Without it a SAM actor's resident memory crept up ~85 MiB over 100 cases: freed heap that glibc kept,
     not live data. A long relabel round on a shared node should not look like a leak to the scheduler.
+    Returns False where there is no glibc to ask.
     """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        return False
+    return True

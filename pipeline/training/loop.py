@@ -145,7 +145,7 @@ class SpecialistTrainer:
         """Run ``iterations`` steps; returns the mean of each logged value over the iterations that logged it."""
         t = self.cfg.train
         pl_cfg = t.pseudo_label
-        use_pseudo = bool(pseudo) and pl_cfg.enabled and pl_cfg.weight > 0
+        use_pseudo = bool(pseudo) and pl_cfg.active
         n_unl = t.unlabeled_batch_size if unlabeled else 0
         if not self.strategy.uses_teacher and not use_pseudo:
             n_unl = 0  # supervised without pseudo-labels: unlabeled crops would not be used
