@@ -82,11 +82,13 @@ class ConsistencyConfig(_Strict):
     ema_decay: float = Field(default=0.99, ge=0.0, le=1.0)
     noise_std: float = Field(default=0.1, ge=0.0)
     noise_clip: float = Field(default=0.2, ge=0.0)
-    uamt_passes: int = Field(default=4, ge=1)
-    """Stochastic teacher passes for the UA-MT uncertainty (SSL4MIS uses 8)."""
+    uamt_passes: int = Field(default=8, ge=1)
+    """Stochastic (noise + dropout) teacher passes for the UA-MT uncertainty, SSL4MIS's T = 8."""
     uamt_threshold_start: float = 0.75
     uamt_threshold_end: float = 1.0
-    """Uncertainty threshold ramps from start to end (times ln(num_classes)), as in UA-MT."""
+    """The UA-MT uncertainty threshold ramps from start to end (times ln(num_classes)) along a sigmoid over
+    the whole run (rounds x train.iterations), as SSL4MIS: ``(0.75 + 0.25 * sigmoid_rampup(it, max_it)) *
+    ln C``. It reaches ln C, which keeps every voxel, only at the run's last iteration."""
 
 
 class PseudoLabelConfig(_Strict):
@@ -94,8 +96,16 @@ class PseudoLabelConfig(_Strict):
 
     enabled: bool = True
     weight: float = Field(default=0.5, ge=0.0)
+    """Peak weight of the term (the official SemiSAM code: 0.5 * 0.1 = 0.05, with loss mse, schedule down)."""
+    loss: Literal["ce_dice", "mse"] = "ce_dice"
+    """ce_dice: 0.5 (CE + soft Dice) on the hard generalist mask (ours). mse: MSE between the student's
+    softmax and the one-hot generalist mask, averaged over classes (the official SemiSAM code)."""
+    schedule: Literal["up", "down"] = "up"
+    """up: sigmoid ramp up over ``rampup_iterations`` from the first iteration with pseudo-labels, then held
+    (ours). down: the official decreasing ramp, ``weight`` at the first iteration with pseudo-labels falling
+    along a mirrored sigmoid to ``weight * exp(-5)`` at the run's last iteration (rounds x train.iterations)."""
     rampup_iterations: int = Field(default=100, ge=0)
-    """Sigmoid ramp length, counted from the first iteration that has pseudo-labels."""
+    """Sigmoid ramp length of schedule ``up``, counted from the first iteration that has pseudo-labels."""
     min_sam_score: float = Field(default=0.0, ge=0.0, le=1.0)
     """Gate: drop a slice whose mean generalist score is below this (0 keeps all)."""
     min_teacher_agreement: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -20,11 +20,18 @@ from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
 from pipeline.training.losses import (
     ce_dice_loss,
     entropy,
+    pseudo_label_mse,
     soft_dice_loss,
     softmax_mse,
     weighted_cross_entropy,
 )
-from pipeline.training.ramps import linear_rampup, ramped_weight, sigmoid_rampup
+from pipeline.training.ramps import (
+    linear_rampup,
+    rampdown_weight,
+    ramped_weight,
+    sigmoid_rampup,
+    uamt_threshold,
+)
 from pipeline.training.sampling import crop_around, sample_crop
 from pipeline.training.strategies import (
     STRATEGIES,
@@ -78,6 +85,32 @@ def test_ramped_weight():
     assert ramped_weight(0.5, 0, 10) == pytest.approx(0.5 * math.exp(-5))
     assert ramped_weight(0.5, 10, 10) == 0.5
     assert ramped_weight(2.0, 3, 0) == 2.0
+
+
+def test_uamt_threshold_is_ssl4mis_schedule_over_the_whole_run():
+    ln3 = math.log(3)
+    # SSL4MIS: (0.75 + 0.25 * sigmoid_rampup(iter, max_iterations)) * ln(C)
+    assert uamt_threshold(0, 600, 3) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * ln3)
+    assert uamt_threshold(300, 600, 3) == pytest.approx((0.75 + 0.25 * math.exp(-1.25)) * ln3)  # 0.822 ln 3
+    assert uamt_threshold(600, 600, 3) == pytest.approx(ln3)  # ln C only at the very end
+    assert uamt_threshold(0, 600, 2) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
+    # below ln C (which would keep every voxel) at every step before the end
+    values = [uamt_threshold(s, 600, 3) for s in range(0, 600, 50)]
+    assert all(b > a for a, b in zip(values, values[1:], strict=False)) and max(values) < ln3
+    assert uamt_threshold(100, 600, 3, start=0.5, end=0.5) == pytest.approx(0.5 * ln3)
+
+
+def test_rampdown_weight_is_the_official_decreasing_ramp():
+    # official: 0.5 * 0.1 * sigmoid_rampup((6000 - it) // 150, 40); here without the 150-iteration steps
+    assert rampdown_weight(0.05, 0, 0, 6000) == pytest.approx(0.05)
+    assert rampdown_weight(0.05, 3000, 0, 6000) == pytest.approx(0.05 * math.exp(-5 * 0.25))
+    assert rampdown_weight(0.05, 6000, 0, 6000) == pytest.approx(0.05 * math.exp(-5))
+    for it in (0, 1500, 4500, 5999):
+        official = 0.5 * 0.1 * sigmoid_rampup((6000 - it) // 150, 40)
+        assert rampdown_weight(0.05, it, 0, 6000) == pytest.approx(official, abs=0.05 * 0.04)
+    w = [rampdown_weight(0.05, s, 200, 599) for s in range(200, 600)]
+    assert all(b < a for a, b in zip(w, w[1:], strict=False))  # strictly decreasing over the pseudo-label steps
+    assert rampdown_weight(0.05, 199, 200, 599) == 0.0  # nothing before the first pseudo-labels
 
 
 # -------------------------------------------------------------------------------------------- losses
@@ -152,6 +185,9 @@ def test_softmax_mse_and_entropy():
     a = torch.randn(2, NUM_CLASSES, 5, 6, generator=g)
     mse = softmax_mse(a, a.clone())
     assert mse.shape == (2, 5, 6) and float(mse.abs().max()) == 0.0
+    # averaged over classes (SSL4MIS), not summed: certain class 0 vs certain class 1 of 3 -> (1 + 1 + 0) / 3
+    zero, one = (_onehot_logits(torch.full((1, 2, 2), c, dtype=torch.long)) for c in (0, 1))
+    assert torch.allclose(softmax_mse(zero, one), torch.full((1, 2, 2), 2.0 / 3), atol=1e-6)
     assert float(softmax_mse(a, _onehot_logits(torch.zeros(2, 5, 6, dtype=torch.long))).min()) > 0.0
     uniform = torch.full((1, NUM_CLASSES, 4, 4), 1.0 / NUM_CLASSES)
     ent = entropy(uniform)
@@ -160,6 +196,23 @@ def test_softmax_mse_and_entropy():
     certain = _onehot_logits(torch.zeros(1, 4, 4, dtype=torch.long)).softmax(1)
     assert float(entropy(certain).max()) < 1e-4
     assert float(entropy(a.softmax(1)).max()) <= math.log(NUM_CLASSES) + 1e-5
+
+
+def test_pseudo_label_mse_values():
+    # student softmax (0.5, 0.25, 0.25) everywhere; target class 0 on the left column, class 1 on the right
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))[None, :, None, None].expand(1, 3, 2, 2).clone()
+    target = torch.tensor([[[0, 1], [0, 1]]])
+    left = ((0.5 - 1) ** 2 + 0.25**2 + 0.25**2) / 3      # 0.125
+    right = (0.5**2 + (0.25 - 1) ** 2 + 0.25**2) / 3     # 0.29167
+    assert float(pseudo_label_mse(logits, target)) == pytest.approx((left + right) / 2, rel=1e-6)
+    # official form: torch.mean((softmax - onehot) ** 2) over (B, C, *S)
+    onehot = F.one_hot(target, 3).movedim(-1, 1).float()
+    assert float(pseudo_label_mse(logits, target)) == pytest.approx(float(((logits.softmax(1) - onehot) ** 2).mean()))
+    # voxel weights: only the right column counts; all-zero weights give 0
+    w = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    assert float(pseudo_label_mse(logits, target, w)) == pytest.approx(right, rel=1e-6)
+    assert float(pseudo_label_mse(logits, target, torch.zeros_like(w))) == 0.0
+    assert float(pseudo_label_mse(_onehot_logits(target), target)) == pytest.approx(0.0, abs=1e-10)
 
 
 # ---------------------------------------------------------------------------------------- strategies
@@ -177,7 +230,7 @@ def _x(seed: int = 0) -> torch.Tensor:
 def test_supervised_has_no_consistency():
     student = _unet(0)
     x = _x()
-    loss, extra = Supervised(ConsistencyConfig()).consistency_loss(UnlabeledBatch(x, student(x), 5), student)
+    loss, extra = Supervised(ConsistencyConfig(), 100).consistency_loss(UnlabeledBatch(x, student(x), 5), student)
     assert float(loss.detach()) == 0.0 and extra == {}
     assert loss.requires_grad  # still part of the graph (a zero term, not a detached constant)
     assert Supervised.uses_teacher is False
@@ -187,7 +240,7 @@ def test_mean_teacher_weight_follows_the_ramp_and_is_zero_for_identical_networks
     cfg = ConsistencyConfig(weight=0.3, rampup_iterations=20, noise_std=0.0)
     student = _unet(0).train()
     teacher = copy.deepcopy(student)
-    mt = MeanTeacher(cfg)
+    mt = MeanTeacher(cfg, 100)
     x = _x()
     loss0, extra0 = mt.consistency_loss(UnlabeledBatch(x, student(x), 0), teacher)
     loss20, extra20 = mt.consistency_loss(UnlabeledBatch(x, student(x), 20), teacher)
@@ -203,7 +256,7 @@ def test_mean_teacher_loss_is_positive_for_a_different_teacher():
     cfg = ConsistencyConfig(weight=0.3, rampup_iterations=20, noise_std=0.0)
     student, teacher = _unet(0), _unet(1)
     x = _x()
-    loss, extra = MeanTeacher(cfg).consistency_loss(UnlabeledBatch(x, student(x), 20), teacher)
+    loss, extra = MeanTeacher(cfg, 100).consistency_loss(UnlabeledBatch(x, student(x), 20), teacher)
     assert extra["consistency"] > 0
     assert float(loss.detach()) == pytest.approx(0.3 * extra["consistency"], rel=1e-5)
     loss.backward()
@@ -214,23 +267,25 @@ def test_mean_teacher_loss_is_positive_for_a_different_teacher():
 def test_uamt_certain_fraction():
     student, teacher = _unet(0), _unet(1, dropout=0.3).eval()
     x = _x()
-    _, extra = UncertaintyAwareMeanTeacher(ConsistencyConfig(uamt_passes=2)).consistency_loss(
+    _, extra = UncertaintyAwareMeanTeacher(ConsistencyConfig(uamt_passes=2), 100).consistency_loss(
         UnlabeledBatch(x, student(x), 0), teacher)
     assert 0.0 <= extra["certain_fraction"] <= 1.0
     assert not teacher.training  # MC-dropout passes restore the teacher's mode
     # threshold 0: nothing is certain; threshold above ln(C): everything is
     none_cfg = ConsistencyConfig(uamt_passes=2, uamt_threshold_start=0.0, uamt_threshold_end=0.0)
-    loss, extra = UncertaintyAwareMeanTeacher(none_cfg).consistency_loss(UnlabeledBatch(x, student(x), 0), teacher)
+    loss, extra = UncertaintyAwareMeanTeacher(none_cfg, 100).consistency_loss(UnlabeledBatch(x, student(x), 0), teacher)
     assert extra["certain_fraction"] == 0.0 and float(loss.detach()) == 0.0
     all_cfg = ConsistencyConfig(uamt_passes=2, uamt_threshold_start=1.01, uamt_threshold_end=1.01)
-    loss, extra = UncertaintyAwareMeanTeacher(all_cfg).consistency_loss(UnlabeledBatch(x, student(x), 0), teacher)
+    loss, extra = UncertaintyAwareMeanTeacher(all_cfg, 100).consistency_loss(UnlabeledBatch(x, student(x), 0), teacher)
     assert extra["certain_fraction"] == 1.0 and extra["consistency"] > 0
 
 
 def test_make_strategy():
     assert set(STRATEGIES) == {"supervised", "mean_teacher", "uamt"}
-    assert isinstance(make_strategy("uamt", ConsistencyConfig()), UncertaintyAwareMeanTeacher)
-    assert isinstance(make_strategy("mean_teacher", ConsistencyConfig()), MeanTeacher)
+    uamt = make_strategy("uamt", ConsistencyConfig(), 600)
+    assert isinstance(uamt, UncertaintyAwareMeanTeacher) and uamt.total_iterations == 600
+    assert isinstance(make_strategy("mean_teacher", ConsistencyConfig(), 600), MeanTeacher)
+    assert ConsistencyConfig().uamt_passes == 8  # SSL4MIS's T = 8
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -478,3 +533,56 @@ def test_unet3d_trains(synthetic_root, tmp_path, volumes):
     stats = tr.train(labeled, unlabeled, _pseudo(unlabeled), iterations=2)
     assert tr.step == 2 and all(math.isfinite(v) for v in stats.values())
     assert {"sup", "consistency", "pseudo"} <= set(stats)
+
+
+def test_gradient_shares_are_measured_on_log_iterations(synthetic_root, tmp_path, volumes):
+    labeled, unlabeled = volumes
+    tr = _trainer(synthetic_root, tmp_path, train={"log_every": 2, "consistency": {"rampup_iterations": 0}})
+    stats = tr.train(labeled, unlabeled, _pseudo(unlabeled), iterations=3)
+    # measured at step 2 (log_every) and step 3 (the round's last); both terms pull with a finite share
+    assert 0.0 < stats["consistency_grad_share"] < 10.0
+    assert 0.0 < stats["pseudo_grad_share"] < 10.0
+    # the share is |grad(w * term)| / |grad(sup)|: a 10x weight gives 10x the share on the same batch
+    shares = []
+    for weight in (0.1, 1.0):
+        t = _trainer(synthetic_root, tmp_path, train={"log_every": 1, "method": "supervised",
+                                                     "pseudo_label": {"weight": weight, "rampup_iterations": 0}})
+        shares.append(t.train(labeled, unlabeled, _pseudo(unlabeled), iterations=1)["pseudo_grad_share"])
+    assert shares[1] == pytest.approx(10 * shares[0], rel=1e-4)
+    # measuring does not change training: same weights with and without measurements (each trainer is
+    # built right before it trains: building one reseeds torch's global RNG, which dropout draws from)
+    weights = []
+    for log_every in (1, 1000):
+        t = _trainer(synthetic_root, tmp_path, train={"log_every": log_every})
+        t.train(labeled, unlabeled, _pseudo(unlabeled), iterations=2)
+        weights.append(t.student.state_dict())
+    assert _same_weights(*weights)
+
+
+def test_uamt_certain_fraction_stays_below_one_over_the_run(synthetic_root, tmp_path, volumes):
+    labeled, unlabeled = volumes
+    tr = _trainer(synthetic_root, tmp_path, rounds=3, train={"method": "uamt", "iterations": 4,
+                                                            "consistency": {"uamt_passes": 2}})
+    assert tr.total_iterations == 12
+    fractions = [tr.train(labeled, unlabeled, None, iterations=4)["certain_fraction"] for _ in range(3)]
+    assert all(0.0 < f < 1.0 for f in fractions), fractions
+    assert tr.strategy.total_iterations == 12
+
+
+def test_official_semisam_term_mse_and_decreasing_weight(synthetic_root, tmp_path, volumes):
+    labeled, unlabeled = volumes
+    pl = {"weight": 0.05, "loss": "mse", "schedule": "down"}
+    tr = _trainer(synthetic_root, tmp_path, rounds=3, train={"method": "supervised", "iterations": 4, "pseudo_label": pl})
+    tr.train(labeled, unlabeled, None, iterations=4)  # round 0: no pseudo-labels
+    r1 = tr.train(labeled, unlabeled, _pseudo(unlabeled), iterations=4)
+    r2 = tr.train(labeled, unlabeled, _pseudo(unlabeled), iterations=4)
+    assert tr.first_pseudo_step == 4
+    expected = np.mean([rampdown_weight(0.05, s, 4, 11) for s in range(4, 8)])
+    assert r1["pseudo_weight"] == pytest.approx(expected, rel=1e-6)
+    assert 0.05 >= r1["pseudo_weight"] > r2["pseudo_weight"] > 0.05 * math.exp(-5) - 1e-9  # decreasing
+    tr.step = 4
+    assert tr.pseudo_label_weight() == pytest.approx(0.05)
+    tr.step = 11
+    assert tr.pseudo_label_weight() == pytest.approx(0.05 * math.exp(-5))
+    # mse on softmax is at most 2 / C per voxel; CE + Dice on the same masks is larger
+    assert 0.0 < r1["pseudo"] <= 2.0 / NUM_CLASSES

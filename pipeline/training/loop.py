@@ -3,11 +3,18 @@
 Each iteration: a two-stream batch (``labeled_batch_size`` labeled crops + ``unlabeled_batch_size``
 unlabeled crops), one student forward pass over both, then
 
-    loss = sup(CE+Dice on labeled) + strategy.consistency(unlabeled) + w_pl(t) * pseudo(CE+Dice vs SAM masks)
+    loss = sup(CE+Dice on labeled) + strategy.consistency(unlabeled) + w_pl(t) * pseudo(unlabeled vs SAM masks)
 
 an optimizer step, and the EMA update of the teacher. The pseudo-label term uses only stored generalist
 masks (never labels of unlabeled cases), gated per slice by the generalist's score and per sample by
-agreement with the teacher, and ramped from the first iteration that had pseudo-labels.
+agreement with the teacher. Its loss is ``train.pseudo_label.loss`` (CE+Dice, ours, or the official MSE
+on softmax) and its weight follows ``train.pseudo_label.schedule`` from the first iteration that had
+pseudo-labels: ramped up and held (ours) or ramped down to the run's end (official).
+
+Every ``log_every`` iterations and on the last one of a round the loop measures how much each unlabeled
+term pulls against the supervised one: ``consistency_grad_share`` = |grad of the weighted consistency
+loss| / |grad of the supervised loss| over the student's parameters (``pseudo_grad_share`` likewise),
+with ``torch.autograd.grad`` before the step (two extra backward passes on those iterations only).
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.models.unet import UNet, build_model, model_args
-from pipeline.training.losses import ce_dice_loss
-from pipeline.training.ramps import ramped_weight
+from pipeline.training.losses import PSEUDO_LABEL_LOSSES, ce_dice_loss
+from pipeline.training.ramps import rampdown_weight, ramped_weight
 from pipeline.training.sampling import sample_crop
 from pipeline.training.strategies import UnlabeledBatch, make_strategy
 
@@ -59,6 +66,12 @@ class PseudoLabel:
         return w if self.voxel_weight is None else w * self.voxel_weight
 
 
+def _grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
+    """L2 norm over ``params`` of d loss / d params, keeping the graph for the real backward pass."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+
+
 def _foreground_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample Dice of foreground (any class > 0) between two label maps (B, *S); 1 when both empty."""
     a, b = (a > 0).flatten(1).float(), (b > 0).flatten(1).float()
@@ -83,7 +96,9 @@ class SpecialistTrainer:
             self.optimizer = torch.optim.Adam(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(self.student.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-        self.strategy = make_strategy(t.method, t.consistency)
+        # the run's length in iterations: UA-MT's threshold ramp and the decreasing pseudo-label ramp span it
+        self.total_iterations = cfg.rounds * t.iterations
+        self.strategy = make_strategy(t.method, t.consistency, self.total_iterations)
         self.step = 0
         self.first_pseudo_step: int | None = None
 
@@ -140,9 +155,20 @@ class SpecialistTrainer:
         for tb, sb in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
             tb.copy_(sb)
 
+    def pseudo_label_weight(self) -> float:
+        """Weight of the pseudo-label term at the current step (0 before the first step with pseudo-labels)."""
+        pl = self.cfg.train.pseudo_label
+        if self.first_pseudo_step is None:
+            return 0.0
+        if pl.schedule == "down":
+            return rampdown_weight(pl.weight, self.step, self.first_pseudo_step, self.total_iterations - 1)
+        return ramped_weight(pl.weight, self.step - self.first_pseudo_step, pl.rampup_iterations)
+
     def train(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume],
               pseudo: dict[str, PseudoLabel] | None, iterations: int) -> dict[str, float]:
-        """Run ``iterations`` steps; returns the mean of each logged value over the iterations that logged it."""
+        """Run ``iterations`` steps; returns the mean of each logged value over the iterations that logged it
+        (``sup``, ``loss``, ``consistency``, ``certain_fraction`` (UA-MT), ``consistency_grad_share``,
+        ``pseudo``, ``pseudo_weight``, ``pseudo_grad_share``, ...)."""
         t = self.cfg.train
         pl_cfg = t.pseudo_label
         use_pseudo = bool(pseudo) and pl_cfg.active
@@ -155,7 +181,11 @@ class SpecialistTrainer:
         self.teacher.train()
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for _ in range(iterations):
+        pseudo_loss = PSEUDO_LABEL_LOSSES[pl_cfg.loss]
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        for i in range(iterations):
+            measure = (self.step + 1) % t.log_every == 0 or i == iterations - 1
+            terms: dict[str, torch.Tensor] = {}
             xl, yl, _ = self._batch(labeled, t.labeled_batch_size, None, labeled=True)
             if n_unl:
                 xu, yu, wu = self._batch(unlabeled, n_unl, pseudo if use_pseudo else None, labeled=False)
@@ -169,6 +199,7 @@ class SpecialistTrainer:
             if n_unl and self.strategy.uses_teacher:
                 cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher)
                 loss = loss + cons
+                terms["consistency_grad_share"] = cons
                 logs.update(extra)
             if n_unl and use_pseudo:
                 if pl_cfg.min_teacher_agreement > 0:
@@ -177,12 +208,17 @@ class SpecialistTrainer:
                     keep = (agree >= pl_cfg.min_teacher_agreement).float()
                     wu = wu * keep.view(-1, *([1] * (wu.dim() - 1)))
                     logs["pl_kept"] = float(keep.mean())
-                w_pl = ramped_weight(pl_cfg.weight, self.step - self.first_pseudo_step, pl_cfg.rampup_iterations)
+                w_pl = self.pseudo_label_weight()
                 if float(wu.sum()) > 0:
-                    pl_loss = ce_dice_loss(logits_u, yu, wu)
+                    pl_loss = pseudo_loss(logits_u, yu, wu)
                     loss = loss + w_pl * pl_loss
+                    terms["pseudo_grad_share"] = w_pl * pl_loss
                     logs["pseudo"] = pl_loss.item()
                 logs["pseudo_weight"] = w_pl
+            if measure and terms:
+                sup_norm = max(_grad_norm(sup, params), 1e-12)
+                for key, term in terms.items():
+                    logs[key] = _grad_norm(term, params) / sup_norm
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -42,8 +42,26 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 
 def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per-voxel squared error between softmax outputs, summed over classes: ``(B, *spatial)``."""
-    return ((student_logits.softmax(1) - teacher_logits.softmax(1)) ** 2).sum(1)
+    """Per-voxel squared error between softmax outputs, **averaged** over classes: ``(B, *spatial)``.
+
+    As SSL4MIS: Mean Teacher takes ``torch.mean((student_soft - teacher_soft) ** 2)`` and UA-MT
+    ``sum(mask * softmax_mse_loss(...)) / (2 * sum(mask))`` with 2 classes, both means over classes.
+    """
+    return ((student_logits.softmax(1) - teacher_logits.softmax(1)) ** 2).mean(1)
+
+
+def pseudo_label_mse(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the student's softmax ``(B, C, *S)`` and the one-hot of ``target`` ``(B, *S)``, the
+    SemiSAM term of the official code (``torch.mean((outputs_soft[labeled_bs:] - samseg_soft[labeled_bs:])**2)``):
+    mean over classes, then the ``weights``-weighted mean over voxels (0 when every weight is 0)."""
+    onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).float()
+    per_voxel = ((logits.softmax(1) - onehot) ** 2).mean(1)
+    w = _voxel_weights(weights, target)
+    return (per_voxel * w).sum() / w.sum().clamp_min(1.0)
+
+
+PSEUDO_LABEL_LOSSES = {"ce_dice": ce_dice_loss, "mse": pseudo_label_mse}
+"""``train.pseudo_label.loss`` -> loss(logits, target, weights)."""
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

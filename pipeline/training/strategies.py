@@ -7,7 +7,6 @@ update live in the loop (``pipeline.training.loop``) and are the same for every 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +14,7 @@ import torch
 
 from pipeline.config import ConsistencyConfig
 from pipeline.training.losses import entropy, softmax_mse
-from pipeline.training.ramps import linear_rampup, ramped_weight
+from pipeline.training.ramps import ramped_weight, uamt_threshold
 
 
 @dataclass
@@ -45,7 +44,7 @@ class Supervised:
 
     uses_teacher = False
 
-    def __init__(self, cfg: ConsistencyConfig):
+    def __init__(self, cfg: ConsistencyConfig, total_iterations: int):
         self.cfg = cfg
 
     def consistency_loss(self, batch: UnlabeledBatch, teacher: torch.nn.Module) -> tuple[torch.Tensor, dict]:
@@ -53,11 +52,12 @@ class Supervised:
 
 
 class MeanTeacher:
-    """Tarvainen & Valpola 2017: MSE between student and EMA-teacher softmax on noisy unlabeled input."""
+    """Tarvainen & Valpola 2017: MSE between student and EMA-teacher softmax on noisy unlabeled input
+    (mean over voxels and classes, as SSL4MIS)."""
 
     uses_teacher = True
 
-    def __init__(self, cfg: ConsistencyConfig):
+    def __init__(self, cfg: ConsistencyConfig, total_iterations: int):
         self.cfg = cfg
 
     def consistency_loss(self, batch: UnlabeledBatch, teacher: torch.nn.Module) -> tuple[torch.Tensor, dict]:
@@ -69,13 +69,16 @@ class MeanTeacher:
 
 
 class UncertaintyAwareMeanTeacher:
-    """Yu et al. 2019 (UA-MT): consistency only where the teacher's MC-dropout entropy is below a
-    threshold that ramps from ``uamt_threshold_start`` to ``uamt_threshold_end`` times ln(C)."""
+    """Yu et al. 2019 (UA-MT) as SSL4MIS runs it: consistency only where the entropy of the teacher's
+    mean softmax over ``uamt_passes`` noisy, dropout-on passes is below the threshold
+    :func:`~pipeline.training.ramps.uamt_threshold`, which ramps from 0.75 ln C to ln C along a sigmoid
+    over the whole run (``total_iterations`` = rounds x iterations per round)."""
 
     uses_teacher = True
 
-    def __init__(self, cfg: ConsistencyConfig):
+    def __init__(self, cfg: ConsistencyConfig, total_iterations: int):
         self.cfg = cfg
+        self.total_iterations = total_iterations
 
     def consistency_loss(self, batch: UnlabeledBatch, teacher: torch.nn.Module) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -87,13 +90,14 @@ class UncertaintyAwareMeanTeacher:
             teacher.train(was_training)
             teacher_logits = teacher(noisy(batch.x, cfg))
             uncertainty = entropy(probs)
-        ramp = linear_rampup(batch.step, cfg.rampup_iterations)
-        threshold = (cfg.uamt_threshold_start + (cfg.uamt_threshold_end - cfg.uamt_threshold_start) * ramp) * math.log(num_classes)
+        threshold = uamt_threshold(batch.step, self.total_iterations, num_classes, cfg.uamt_threshold_start,
+                                   cfg.uamt_threshold_end)
         mask = (uncertainty < threshold).float()
         per_voxel = softmax_mse(batch.student_logits, teacher_logits)
         loss = (per_voxel * mask).sum() / (mask.sum() + 1e-6)
         w = ramped_weight(cfg.weight, batch.step, cfg.rampup_iterations)
-        return w * loss, {"consistency": loss.item(), "consistency_weight": w, "certain_fraction": mask.mean().item()}
+        return w * loss, {"consistency": loss.item(), "consistency_weight": w, "certain_fraction": mask.mean().item(),
+                          "uamt_threshold": threshold}
 
 
 STRATEGIES: dict[str, type] = {
@@ -103,5 +107,6 @@ STRATEGIES: dict[str, type] = {
 }
 
 
-def make_strategy(method: str, cfg: ConsistencyConfig) -> Strategy:
-    return STRATEGIES[method](cfg)
+def make_strategy(method: str, cfg: ConsistencyConfig, total_iterations: int) -> Strategy:
+    """The strategy of ``train.method``; ``total_iterations`` is the run's length (UA-MT's threshold ramp)."""
+    return STRATEGIES[method](cfg, total_iterations)
