@@ -4,7 +4,7 @@
     semisam inspect STORE [--png DIR]        per-round table of a pseudo-label store (+ overlay pictures)
     semisam eval RUN                         per-round test metrics of a run folder
     semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
-    semisam validate ROOT                    check an MSD/nnU-Net dataset folder and list every problem
+    semisam validate ROOT                    check a dataset folder (MSD, h5, SSL4MIS; detected) and list every problem
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     info = validate_dataset(Path(args.root), args.format)
     labeled = sum(c.label is not None for c in info.cases.values())
+    _out(f"{args.root}: {info.layout}")
+    if info.split_lists:
+        _out("lists: " + ", ".join(f"{name}.list {len(ids)} cases" for name, ids in info.split_lists.items()))
     _out(f"{args.root}: {len(info.cases)} cases ({labeled} labeled), labels {info.labels}: OK")
     return 0
 
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a dataset folder")
     v.add_argument("root")
-    v.add_argument("--format", choices=["msd", "h5"], default="msd")
+    v.add_argument("--format", choices=["auto", "msd", "h5", "ssl4mis"], default="auto",
+                   help="dataset layout (default: detect it and say what was found)")
     v.set_defaults(func=cmd_validate)
     return p
 

@@ -29,9 +29,14 @@ class DataConfig(_Strict):
 
     root: Path
     """An MSD/nnU-Net folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) or a folder of UA-MT h5 files."""
-    format: Literal["msd", "h5"] = "msd"
+    format: Literal["auto", "msd", "h5", "ssl4mis"] = "auto"
+    """auto: detect the layout from the file names and log what was found (``pipeline.data.layout``);
+    msd: MSD/nnU-Net NIfTI; h5: one UA-MT h5 file per case; ssl4mis: SSL4MIS's 2D layout
+    (``data/slices/<case>_slice_<n>.h5`` + ``data/<case>.h5`` + ``*.list``; use ``slice_axis: 0``)."""
     split_file: Path | None = None
-    """JSON with ``test`` and ``train_order`` (first ``num_labeled`` labeled, the rest unlabeled)."""
+    """JSON with ``test`` and ``train_order`` (first ``num_labeled`` labeled, the rest unlabeled). Without it
+    (and without ``labeled``) an SSL4MIS folder's ``train.list``/``train_slices.list`` and ``test.list``
+    (else ``val.list``) give them."""
     num_labeled: int | None = Field(default=None, ge=1)
     labeled: list[str] | None = None
     """Explicit case ids; used instead of a split file when given (with ``unlabeled`` and ``test``)."""
@@ -46,8 +51,9 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _split_given(self) -> DataConfig:
-        if self.split_file is None and self.labeled is None:
-            raise ValueError("give data.split_file (with data.num_labeled) or data.labeled/unlabeled/test")
+        if self.split_file is None and self.labeled is None and self.num_labeled is None:
+            raise ValueError("give data.split_file (with data.num_labeled), data.labeled/unlabeled/test, or "
+                             "data.num_labeled alone for an SSL4MIS folder's list files")
         if self.split_file is not None and self.num_labeled is None:
             raise ValueError("data.split_file needs data.num_labeled (the first k of train_order are labeled)")
         return self

@@ -178,6 +178,7 @@ def test_patch_size_must_match_model_kind():
 def test_missing_data_split_is_error(tmp_path: Path):
     tree = _demo_tree()
     del tree["data"]["split_file"]
+    del tree["data"]["num_labeled"]  # num_labeled alone is allowed: an SSL4MIS folder's list files split it
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, tree))
     assert "data" in str(e.value) and "split_file" in str(e.value)

@@ -1,4 +1,4 @@
-"""Finding and reading cases: MSD / nnU-Net v2 NIfTI folders and UA-MT style h5 files.
+"""Finding and reading cases: MSD / nnU-Net v2 NIfTI folders, UA-MT style h5 files, the SSL4MIS 2D layout.
 
 Arrays are returned as stored, axis order (X, Y, Z) = nibabel's voxel axes (i, j, k), with no
 reorientation or resampling; spacing is in mm per voxel along those axes. Images come back as
@@ -13,6 +13,16 @@ Layouts:
 - ``h5``: every ``root/**/*.h5`` is a case with dataset ``image`` and optionally ``label`` (LA's
   ``<id>/mri_norm2.h5`` takes its id from the folder). Labels default to {0: background, 1: foreground}
   unless ``root/dataset.json`` gives them.
+- ``ssl4mis``: SSL4MIS's 2D layout (``pipeline.data.ssl4mis``): ``root/data/slices/<case>_slice_<n>.h5``
+  (training, one slice a file) and ``root/data/<case>.h5`` (volumes); a case with slice files only is
+  rebuilt by stacking them in slice order along axis 0. Labels as for ``h5``; the split can come from its
+  ``train.list`` / ``train_slices.list`` / ``test.list`` / ``val.list`` (``DatasetInfo.split_lists``).
+- ``auto``: one of the above, told from the file names (``pipeline.data.layout``).
+
+h5 class names: both h5 layouts hold label *values* only. Their names come from ``root/dataset.json``
+when it exists and has a ``labels`` entry (MSD style ``{"0": "background", "1": "LV"}`` or nnU-Net v2
+style ``{"background": 0, "LV": 1}``); without it the labels are {0: background, 1: foreground}, and a
+label with more values is reported with that hint.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +42,15 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from pipeline.data import ssl4mis
 from pipeline.data.case_ids import check_case_id
+from pipeline.data.layout import describe_folder, detect_layout
 from pipeline.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("msd", "h5")
+FORMATS = ("msd", "h5", "ssl4mis")
+"""Layouts that can be read; ``auto`` (detect one of them) is accepted wherever a format is given."""
 NORMALIZATIONS = ("zscore", "minmax")
 _NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
@@ -53,12 +66,15 @@ Spacing = tuple[float, float, float]
 class CaseFiles:
     """The files of one case. ``label`` is None when the case has no label (an unlabeled case).
 
-    For h5 cases ``image`` and ``label`` are the same file (datasets ``image`` / ``label``).
+    For h5 cases ``image`` and ``label`` are the same file (datasets ``image`` / ``label``). A case
+    rebuilt from SSL4MIS slice files lists them in ``slices`` (slice order); ``image`` is then the first
+    of them, and ``label`` too when every slice file has a label.
     """
 
     case_id: str
     image: Path
     label: Path | None
+    slices: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,9 @@ class DatasetInfo:
     """What is on disk, found without reading any voxel data.
 
     ``labels`` maps label value -> name (0 is background, values are 0..K-1); ``cases`` maps
-    case id -> files, sorted by id; ``orphan_labels`` are label files whose image is missing.
+    case id -> files, sorted by id; ``orphan_labels`` are label files whose image is missing;
+    ``split_lists`` maps an SSL4MIS list name (``train``, ``train_slices``, ``val``, ``test``) to its case
+    ids; ``layout`` says what was found on disk, in words.
     """
 
     root: Path
@@ -74,6 +92,8 @@ class DatasetInfo:
     labels: dict[int, str]
     cases: dict[str, CaseFiles]
     orphan_labels: tuple[Path, ...] = ()
+    split_lists: dict[str, list[str]] = field(default_factory=dict)
+    layout: str = ""
 
     @property
     def foreground_classes(self) -> list[int]:
@@ -91,15 +111,27 @@ class DatasetInfo:
         path = self.root / "dataset.json"
         if self.format == "msd" or path.is_file():
             return str(path)
-        return "the h5 default {0: background, 1: foreground}"
+        return (f"the h5 default {{0: background, 1: foreground}} (no {path}; give one with "
+                '{"labels": {"0": "background", "1": "...", ...}} to name more classes)')
 
 
 # ---------------------------------------------------------------------------------------------- finding
 
 
+def _layout_hint(root: Path) -> str:
+    """What ``root`` looks like instead, for the error of a reader that found no data of its own layout."""
+    try:
+        layout = detect_layout(root)
+    except DatasetError:
+        return f"found {describe_folder(root)}"
+    return (f"it looks like the {layout.found} (data.format: {layout.format} or auto; "
+            f"semisam validate --format {layout.format})")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DatasetError(f"{path}: dataset.json does not exist (an MSD/nnU-Net dataset needs one)")
+        raise DatasetError(f"{path}: dataset.json does not exist (an MSD/nnU-Net dataset needs one); "
+                           f"{_layout_hint(path.parent)}")
     try:
         tree = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -190,7 +222,7 @@ def _read_msd(root: Path) -> DatasetInfo:
 
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
-        raise DatasetError(f"{images_dir}: folder of training images does not exist")
+        raise DatasetError(f"{images_dir}: folder of training images does not exist; {_layout_hint(root)}")
     images = _list_nifti(images_dir)
     label_files = _list_nifti(labels_dir)
     if not labels_dir.is_dir():
@@ -234,13 +266,29 @@ def _read_msd(root: Path) -> DatasetInfo:
     return DatasetInfo(root=root, format="msd", labels=labels, cases=cases, orphan_labels=orphans)
 
 
-def _read_h5_layout(root: Path) -> DatasetInfo:
+def _h5_labels(root: Path) -> dict[int, str]:
+    """Label value -> name of an h5 layout: from ``root/dataset.json`` when present, else {0, 1}."""
     meta_path = root / "dataset.json"
     labels = {0: "background", 1: "foreground"}
     if meta_path.is_file():
         meta = _read_json(meta_path)
         if "labels" in meta:
             labels = parse_labels(meta["labels"], meta_path)
+    return labels
+
+
+def _h5_keys(path: Path, problems: list[str]) -> tuple[bool, bool] | None:
+    """(has image, has label) of an h5 file without reading data; None (and a problem) if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "image" in f, "label" in f
+    except _READ_ERRORS as e:
+        problems.append(f"{path}: unreadable or truncated h5 file ({type(e).__name__}: {e})")
+        return None
+
+
+def _read_h5_layout(root: Path) -> DatasetInfo:
+    labels = _h5_labels(root)
     problems: list[str] = []
     cases: dict[str, CaseFiles] = {}
     files = [p for p in sorted(root.rglob("*.h5"))
@@ -252,12 +300,10 @@ def _read_h5_layout(root: Path) -> DatasetInfo:
             continue
         if not _checked_id(case_id, path, problems):
             continue
-        try:
-            with h5py.File(path, "r") as f:
-                has_image, has_label = "image" in f, "label" in f
-        except _READ_ERRORS as e:
-            problems.append(f"{path}: unreadable or truncated h5 file ({type(e).__name__}: {e})")
+        keys = _h5_keys(path, problems)
+        if keys is None:
             continue
+        has_image, has_label = keys
         if not has_image:
             problems.append(f"{path}: h5 file has no 'image' dataset")
             continue
@@ -265,30 +311,98 @@ def _read_h5_layout(root: Path) -> DatasetInfo:
     if problems:
         raise DatasetError(problems)
     if not cases:
-        raise DatasetError(f"{root}: no .h5 files found")
+        raise DatasetError(f"{root}: no .h5 files found; {_layout_hint(root)}")
     return DatasetInfo(root=root, format="h5", labels=labels, cases=dict(sorted(cases.items())))
 
 
-def read_dataset_info(root: Path, format: str = "msd") -> DatasetInfo:
-    """Find the cases and labels of a dataset folder; reads dataset.json and file listings only
-    (h5: opens each file to see whether it has a ``label`` dataset, without reading it).
+def _slice_case(case_id: str, items: list[tuple[int, Path]], problems: list[str]) -> CaseFiles | None:
+    """CaseFiles of a case rebuilt from its slice files; None (and problems) when a file is unusable."""
+    numbers = [n for n, _ in items]
+    if len(set(numbers)) != len(numbers):
+        problems.append(f"{items[0][1].parent}: case {case_id!r} has two files for one slice number "
+                        f"({sorted(n for n in set(numbers) if numbers.count(n) > 1)})")
+        return None
+    with_label = 0
+    for _, path in items:
+        keys = _h5_keys(path, problems)
+        if keys is None:
+            return None
+        if not keys[0]:
+            problems.append(f"{path}: h5 file has no 'image' dataset")
+            return None
+        with_label += keys[1]
+    paths = tuple(p for _, p in items)
+    if 0 < with_label < len(paths):
+        problems.append(f"{paths[0].parent}: case {case_id!r}: {with_label} of its {len(paths)} slice files have "
+                        "a 'label' dataset; give all of them one or none")
+        return None
+    return CaseFiles(case_id=case_id, image=paths[0], label=paths[0] if with_label else None, slices=paths)
 
-    Raises DatasetError listing every problem (missing/invalid dataset.json, bad case ids, two files
-    for one case, multi-modal data), ConfigError for an unknown ``format``.
+
+def _read_ssl4mis(root: Path) -> DatasetInfo:
+    labels = _h5_labels(root)
+    problems = [f"{p}: not a slice file (SSL4MIS slice files are named <case>_slice_<n>.h5)"
+                for p in ssl4mis.odd_slice_files(root)]
+    cases: dict[str, CaseFiles] = {}
+    volumes = ssl4mis.find_volume_files(root)
+    slices = ssl4mis.find_slice_files(root)
+    for case_id in sorted(set(volumes) | set(slices)):
+        where = volumes.get(case_id) or slices[case_id][0][1]
+        if not _checked_id(case_id, where, problems):
+            continue
+        if case_id in volumes:  # one file instead of one per slice; the same arrays
+            keys = _h5_keys(volumes[case_id], problems)
+            if keys is None:
+                continue
+            if not keys[0]:
+                problems.append(f"{volumes[case_id]}: h5 file has no 'image' dataset")
+                continue
+            cases[case_id] = CaseFiles(case_id=case_id, image=volumes[case_id],
+                                       label=volumes[case_id] if keys[1] else None)
+        else:
+            files = _slice_case(case_id, slices[case_id], problems)
+            if files is not None:
+                cases[case_id] = files
+    lists = ssl4mis.read_list_files(root)  # ids not on disk are reported by the split check that uses them
+    if problems:
+        raise DatasetError(problems)
+    if not cases:
+        raise DatasetError(f"{root / 'data'}: no SSL4MIS .h5 files found; {_layout_hint(root)}")
+    return DatasetInfo(root=root, format="ssl4mis", labels=labels, cases=cases, split_lists=lists)
+
+
+_READERS = {"msd": _read_msd, "h5": _read_h5_layout, "ssl4mis": _read_ssl4mis}
+
+
+def read_dataset_info(root: Path, format: str = "auto") -> DatasetInfo:
+    """Find the cases and labels of a dataset folder; reads dataset.json and file listings only
+    (h5, ssl4mis: opens each file to see whether it has a ``label`` dataset, without reading it).
+
+    ``format``: one of ``FORMATS``, or ``auto`` to detect it (``pipeline.data.layout``); the layout found
+    is logged and kept in ``DatasetInfo.layout``. Raises DatasetError listing every problem
+    (missing/invalid dataset.json, bad case ids, two files for one case, multi-modal data; a folder in
+    another layout than ``format`` says what it holds), ConfigError for an unknown ``format``.
     """
     root = Path(root)
-    if format not in FORMATS:
-        raise ConfigError(f"data format {format!r} is not supported; use one of {FORMATS}")
+    if format not in (*FORMATS, "auto"):
+        raise ConfigError(f"data format {format!r} is not supported; use auto or one of {FORMATS}")
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist")
-    info = _read_msd(root) if format == "msd" else _read_h5_layout(root)
+    if format == "auto":
+        layout = detect_layout(root)
+        format, found = layout.format, layout.found
+        logger.info("dataset %s: detected the %s", root, found)
+    else:
+        found = f"{format} layout (as configured)"
+    info = _READERS[format](root)
     if not info.cases:
         raise DatasetError(f"{root / 'imagesTr'}: no .nii.gz / .nii images found")
     num_labeled = sum(c.label is not None for c in info.cases.values())
     logger.info("dataset %s (%s): %d cases, %d with labels, %d classes%s", root, format, len(info.cases),
                 num_labeled, info.num_classes,
                 f", {len(info.orphan_labels)} label(s) without image" if info.orphan_labels else "")
-    return info
+    return DatasetInfo(root=info.root, format=info.format, labels=info.labels, cases=info.cases,
+                       orphan_labels=info.orphan_labels, split_lists=info.split_lists, layout=found)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -351,24 +465,60 @@ def _h5_read(path: Path, key: str, read):
         raise _unreadable(path, e) from None
 
 
-def _h5_array(path: Path, key: str, what: str) -> tuple[np.ndarray, Spacing]:
-    def read(f, ds):
-        _spatial_shape(tuple(ds.shape), path, what)
-        return np.asarray(ds[...]), f.attrs.get("spacing", ds.attrs.get("spacing"))
+def _slice_stack(paths: tuple[Path, ...], key: str, what: str) -> tuple[np.ndarray, Spacing]:
+    """Slice files, each a 2D ``key`` dataset (H, W), stacked in the given order -> (S, H, W); spacing
+    from the first file's ``spacing`` attribute as for volumes, else 1 mm."""
+    planes = []
+    for path in paths:
+        plane = _h5_read(path, key, lambda f, ds: np.asarray(ds[...]))
+        if plane.ndim == 3 and plane.shape[0] == 1:
+            plane = plane[0]
+        if plane.ndim != 2:
+            raise DatasetError(f"{path}: {what} of a slice file must be 2D (H, W), got shape {plane.shape}")
+        if planes and plane.shape != planes[0].shape:
+            raise DatasetError(f"{path}: {what} slice shape {plane.shape} differs from {planes[0].shape} of "
+                               f"{paths[0]} (same case)")
+        planes.append(plane)
+    raw_spacing = _h5_read(paths[0], key, lambda f, ds: f.attrs.get("spacing", ds.attrs.get("spacing")))
+    return np.stack(planes, axis=0), _parse_spacing(raw_spacing, paths[0])
 
-    data, raw_spacing = _h5_read(path, key, read)
+
+def _parse_spacing(raw_spacing, path: Path) -> Spacing:
     spacing: Spacing = (1.0, 1.0, 1.0)
     if raw_spacing is not None:
         values = np.asarray(raw_spacing, dtype=np.float64).ravel()
         if values.size != 3:
             raise DatasetError(f"{path}: attribute 'spacing' must hold 3 numbers, got {values.tolist()}")
         spacing = (float(values[0]), float(values[1]), float(values[2]))
-    return data.reshape(data.shape[:3]), spacing
+    return spacing
+
+
+def _h5_array(path: Path, key: str, what: str) -> tuple[np.ndarray, Spacing]:
+    def read(f, ds):
+        _spatial_shape(tuple(ds.shape), path, what)
+        return np.asarray(ds[...]), f.attrs.get("spacing", ds.attrs.get("spacing"))
+
+    data, raw_spacing = _h5_read(path, key, read)
+    return data.reshape(data.shape[:3]), _parse_spacing(raw_spacing, path)
+
+
+def _case_array(info: DatasetInfo, files: CaseFiles, key: str) -> tuple[np.ndarray, Spacing]:
+    """The ``key`` (image / label) array of a case (X, Y, Z) as stored, and its spacing, whatever the layout."""
+    path = files.image if key == "image" else files.label
+    assert path is not None
+    if info.format == "msd":
+        return _nifti_array(path, key)
+    if files.slices:
+        return _slice_stack(files.slices, key, key)
+    return _h5_array(path, key, key)
 
 
 def read_image_shape(info: DatasetInfo, case_id: str) -> tuple[int, int, int]:
     """(X, Y, Z) of a case's image from the header only (no voxel data is read)."""
-    return _header_shape(info, _case(info, case_id).image, "image", "image")
+    files = _case(info, case_id)
+    if files.slices:
+        return _stack_shape(files.slices, "image")
+    return _header_shape(info, files.image, "image", "image")
 
 
 def read_label_shape(info: DatasetInfo, case_id: str) -> tuple[int, int, int]:
@@ -376,7 +526,19 @@ def read_label_shape(info: DatasetInfo, case_id: str) -> tuple[int, int, int]:
     files = _case(info, case_id)
     if files.label is None:
         raise DatasetError(f"case {case_id!r} of {info.root} has no label file")
+    if files.slices:
+        return _stack_shape(files.slices, "label")
     return _header_shape(info, files.label, "label", "label")
+
+
+def _stack_shape(paths: tuple[Path, ...], key: str) -> tuple[int, int, int]:
+    """(S, H, W) of slice files stacked, from the first file's dataset shape (no voxel data is read)."""
+    shape = tuple(_h5_read(paths[0], key, lambda f, ds: tuple(ds.shape)))
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise DatasetError(f"{paths[0]}: {key} of a slice file must be 2D (H, W), got shape {shape}")
+    return (len(paths), int(shape[0]), int(shape[1]))
 
 
 def _header_shape(info: DatasetInfo, path: Path, key: str, what: str) -> tuple[int, int, int]:
@@ -394,8 +556,9 @@ def load_image(info: DatasetInfo, case_id: str, normalization: str = "zscore") -
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"normalization {normalization!r} is not supported; use one of {NORMALIZATIONS}")
-    path = _case(info, case_id).image
-    raw, spacing = _nifti_array(path, "image") if info.format == "msd" else _h5_array(path, "image", "image")
+    files = _case(info, case_id)
+    path = files.image
+    raw, spacing = _case_array(info, files, "image")
     x = np.asarray(raw, dtype=np.float64)
     bad = int(x.size - np.count_nonzero(np.isfinite(x)))
     if bad:
@@ -420,7 +583,7 @@ def load_label(info: DatasetInfo, case_id: str) -> np.ndarray:
     if files.label is None:
         raise DatasetError(f"case {case_id!r} of {info.root} has no label file")
     path = files.label
-    raw, _ = _nifti_array(path, "label") if info.format == "msd" else _h5_array(path, "label", "label")
+    raw, _ = _case_array(info, files, "label")
     if raw.dtype.kind == "f":
         if not np.isfinite(raw).all():
             raise DatasetError(f"{path}: label of case {case_id!r} has non-finite values")

@@ -1,7 +1,9 @@
 """Which cases are labeled, unlabeled and test in a run.
 
 From a split file (JSON ``{"test": [...], "train_order": [...]}``; the first ``num_labeled`` of
-``train_order`` are labeled, the rest unlabeled) or from explicit ``data.labeled/unlabeled/test``.
+``train_order`` are labeled, the rest unlabeled), from explicit ``data.labeled/unlabeled/test``, or,
+with neither, from the list files of an SSL4MIS folder (``train.list`` or ``train_slices.list`` as
+``train_order``, ``test.list`` or else ``val.list`` as ``test``; see ``pipeline.data.ssl4mis``).
 Only file listings are used here: no label file is opened.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from pipeline.config import DataConfig
 from pipeline.data.case_ids import check_case_id
 from pipeline.data.dataset import DatasetInfo
+from pipeline.data.ssl4mis import split_from_lists
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -84,11 +87,22 @@ def _check(parts: dict[str, list[str]], info: DatasetInfo, source: str, problems
                                 f"(its image is {files.image})")
 
 
+def _split_from_list_files(info: DatasetInfo) -> tuple[str, list[str], list[str]]:
+    """(source, test, train_order) from the dataset's SSL4MIS list files; ConfigError when it has none."""
+    try:
+        test, train_order, lists = split_from_lists(info.split_lists)
+    except ValueError as e:
+        raise ConfigError(f"no data.split_file or data.labeled given, and the dataset {info.root} "
+                          f"({info.format}) has no list files to split by ({e})") from None
+    return f"list files {lists} of {info.root}", test, train_order
+
+
 def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
     """The run's split, checked against the dataset; ConfigError listing every problem.
 
     Explicit ``cfg.labeled`` takes precedence over ``cfg.split_file``; with explicit lists, a missing
-    ``unlabeled`` means every dataset case not labeled or test, and a missing ``test`` means none.
+    ``unlabeled`` means every dataset case not labeled or test, and a missing ``test`` means none. With
+    neither, the dataset's list files (SSL4MIS) give ``train_order`` and ``test``.
     ``cfg.max_unlabeled`` / ``cfg.max_test`` keep the first N after all checks.
     """
     problems: list[str] = []
@@ -105,10 +119,13 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         if not labeled:
             problems.append(f"{source}: data.labeled is empty; a run needs at least one labeled case")
     else:
-        if cfg.split_file is None or cfg.num_labeled is None:
+        if cfg.num_labeled is None:
             raise ConfigError("give data.split_file with data.num_labeled, or data.labeled/unlabeled/test")
-        source = f"split file {cfg.split_file}"
-        test, train_order = _read_split_file(Path(cfg.split_file))
+        if cfg.split_file is not None:
+            source = f"split file {cfg.split_file}"
+            test, train_order = _read_split_file(Path(cfg.split_file))
+        else:
+            source, test, train_order = _split_from_list_files(info)
         if cfg.num_labeled > len(train_order):
             problems.append(f"{source}: num_labeled={cfg.num_labeled} but train_order has only "
                             f"{len(train_order)} cases")

@@ -100,10 +100,11 @@ def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool
                 "; unlabeled labels audited" if check_unlabeled_labels else "")
 
 
-def validate_dataset(root: Path, format: str = "msd") -> DatasetInfo:
+def validate_dataset(root: Path, format: str = "auto") -> DatasetInfo:
     """Read a dataset and check every case: all images, and every label file that exists.
 
-    For ``semisam validate``; cases without a label are reported as unlabeled, not as problems.
+    For ``semisam validate``; cases without a label are reported as unlabeled, not as problems. ``format``
+    ``auto`` detects the layout (``DatasetInfo.layout`` says what was found).
     """
     info = read_dataset_info(Path(root), format)
     with_label = [c for c, f in info.cases.items() if f.label is not None]
