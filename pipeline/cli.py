@@ -42,8 +42,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     _out(inspect_table(Path(args.store)))
     if args.png:
-        paths = write_overlays(Path(args.store), Path(args.png), num_slices=args.num_slices, round_index=args.round)
-        _out(f"wrote {len(paths)} pictures to {args.png}")
+        paths = write_overlays(Path(args.store), Path(args.png), num_slices=args.num_slices, round_index=args.round,
+                               pick=args.pick, seed=args.seed)
+        sheets = [p for p in paths if p.parent.name == "sheets"]
+        _out(f"wrote {len(paths) - len(sheets)} slice pictures ({args.pick}) to {args.png}"
+             + "".join(f"\nsummary sheet: {p}" for p in sheets))
     return 0
 
 
@@ -51,6 +54,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.reports import eval_table
 
     _out(eval_table(Path(args.run)))
+    if args.png:
+        from pipeline.eval_plots import write_eval_plots
+
+        plot = write_eval_plots(Path(args.run), Path(args.png))
+        _out(f"wrote {plot.path} ({', '.join(plot.panels)})")
     return 0
 
 
@@ -92,10 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--png", metavar="DIR", help="also write overlay pictures of a few slices here")
     i.add_argument("--round", type=int, default=None, help="round for the pictures (default: the last)")
     i.add_argument("--num-slices", type=int, default=6)
+    i.add_argument("--pick", choices=["disagreement", "lowest-score", "random", "most-foreground"],
+                   default="disagreement", help="which prompted slices to draw (default: lowest pseudo-label / "
+                   "specialist agreement)")
+    i.add_argument("--seed", type=int, default=0, help="for --pick random")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="per-round test metrics of a run folder")
     e.add_argument("run", help="the run folder, e.g. runs/demo")
+    e.add_argument("--png", metavar="DIR", help="also plot Dice per round (and the pseudo-label audit) here")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo-data", help="write the synthetic dataset and a tiny SAM checkpoint")

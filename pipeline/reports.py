@@ -30,11 +30,12 @@ def rounds_table(summaries) -> str:
 
 def inspect_frame(store_root: Path) -> pd.DataFrame:
     """Per round: cases, slices, prompted slices, pseudo-label foreground fraction, generalist score
-    distribution over prompted slices, and foreground Dice agreement with the specialist."""
+    distribution over prompted slices, foreground Dice agreement with the specialist, and embeddings
+    cached / prompted slices (``-`` for a generalist without embeddings: the random walker)."""
     PseudoLabelStore(store_root)  # a clear error if this is not a store
     ddf = open_manifest(store_root)
     m = ddf[["round", "case_id", "num_prompts", "score_mean", "pseudo_fg_fraction", "specialist_fg_fraction",
-             "agreement_dice", "embedding_cached"]].compute()
+             "agreement_dice", "embedding_cached", "generalist"]].compute()
     rows = []
     for r, g in m.groupby("round"):
         p = g[g["num_prompts"] > 0]
@@ -51,9 +52,18 @@ def inspect_frame(store_root: Path) -> pd.DataFrame:
             "score_p50": q[0.5],
             "score_p90": q[0.9],
             "agreement": p["agreement_dice"].mean(),
-            "cached": f"{int(p['embedding_cached'].sum())}/{len(p)}",
+            "cached": _cached_text(p),
         })
     return pd.DataFrame(rows)
+
+
+def _cached_text(prompted: pd.DataFrame) -> str:
+    """``cached/prompted`` slices of a round, or ``-`` when its generalist has no embeddings to cache."""
+    from pipeline.generalist.classical import RandomWalkerGeneralist
+
+    if len(prompted) and (prompted["generalist"] == RandomWalkerGeneralist.name).all():
+        return "-"
+    return f"{int(prompted['embedding_cached'].sum())}/{len(prompted)}"
 
 
 def inspect_table(store_root: Path) -> str:
@@ -70,48 +80,14 @@ def _run_config(store_root: Path):
     return load_config(cfg_path) if cfg_path.exists() else None
 
 
-def write_overlays(store_root: Path, out_dir: Path, num_slices: int = 6, round_index: int | None = None) -> list[Path]:
-    """PNG pictures of the slices with the most pseudo-label foreground: image, specialist, pseudo-label."""
-    import matplotlib
+def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: int | None = None,
+                   pick: str = "disagreement", seed: int = 0) -> list[Path]:
+    """Overlay pictures of a store (``pipeline.overlays``): per chosen slice of a round the image, the
+    specialist, the pseudo-label with its prompts, the ground truth and uncertainty when known; and a
+    summary sheet per round. Returns the files written."""
+    from pipeline.overlays import write_overlays as _write_overlays
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.data.dataset import load_image, read_dataset_info
-
-    store = PseudoLabelStore(store_root)
-    rounds = store.rounds()
-    if not rounds:
-        raise StoreError(f"store {store_root} has no rounds to draw")
-    r = rounds[-1] if round_index is None else round_index
-    m = store.manifest()
-    m = m[(m["round"] == r) & (m["num_prompts"] > 0)].sort_values("pseudo_fg_fraction", ascending=False)
-    cfg = _run_config(store_root)
-    info = read_dataset_info(cfg.data.root, cfg.data.format) if cfg else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for _, row in m.head(num_slices).iterrows():
-        case = store.read_case(r, row["case_id"])
-        s = int(row["slice"])
-        if info is not None:
-            image = np.moveaxis(load_image(info, row["case_id"], cfg.data.normalization)[0], store.slice_axis, 0)[s]
-        else:
-            image = np.zeros(case["pseudo_label"].shape[1:])
-        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-        for ax, (title, lab) in zip(axes, [("image", None), ("specialist", case["specialist"][s]),
-                                           (f"pseudo-label (score {row['score_mean']:.2f})", case["pseudo_label"][s])],
-                                    strict=True):
-            ax.imshow(image, cmap="gray")
-            if lab is not None:
-                ax.imshow(np.ma.masked_equal(lab, 0), cmap="autumn", alpha=0.5, vmin=0, vmax=max(store.class_ids))
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        fig.suptitle(f"{row['case_id']} slice {s} round {r}", fontsize=10)
-        path = out_dir / f"round{r:03d}_{row['case_id']}_slice{s:03d}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return _write_overlays(store_root, out_dir, num_slices, round_index, pick, seed)
 
 
 def eval_frame(run_dir: Path) -> pd.DataFrame:
