@@ -168,11 +168,12 @@ def _ms(d: dict, digits: int = 3) -> str:
 def markdown(table: list[dict]) -> str:
     """The results table and the audit table, as Markdown."""
     lines = ["| k | row | seeds | Dice mean | Dice ant. | Dice post. | Jaccard mean | Jacc. ant. | Jacc. post. "
-             "| HD95 (mm) | ASD (mm) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| HD95 | ASD |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in table:
+        u = "mm" if "hd95_mm" in e else "vox"  # data without voxel spacing: voxels, never called mm
         lines.append(f"| {e['k']} | {e['row']} | {len(e['seeds'])} | **{_ms(e['dice'])}** | {_ms(e['dice_class1'])} | "
                      f"{_ms(e['dice_class2'])} | {_ms(e['jaccard'])} | {_ms(e['jaccard_class1'])} | "
-                     f"{_ms(e['jaccard_class2'])} | {_ms(e['hd95_mm'], 2)} | {_ms(e['asd_mm'], 2)} |")
+                     f"{_ms(e['jaccard_class2'])} | {_ms(e[f'hd95_{u}'], 2)} {u} | {_ms(e[f'asd_{u}'], 2)} {u} |")
     lines += ["", "Pseudo-label audit (unlabeled cases, against their hidden labels; mean over cases and classes):",
               "", "| k | row | round | pseudo-label Dice | specialist Dice | difference |", "|---|---|---|---|---|---|"]
     for e in table:

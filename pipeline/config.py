@@ -48,6 +48,19 @@ class DataConfig(_Strict):
     slice_axis: int = Field(default=0, ge=0, le=2)
     """Array axis of the (X, Y, Z) volume that 2D slices are taken along (for the 2D model and SAM)."""
     normalization: Literal["zscore", "minmax"] = "zscore"
+    spacing: list[float] | None = Field(default=None, min_length=3, max_length=3)
+    """h5 / ssl4mis data: voxel size in mm along X, Y, Z for HD95/ASD. Without it, a ``spacing`` list in
+    ``root/dataset.json`` or a ``spacing`` attribute of the h5 file is used; with none of them distances
+    are reported in voxels (columns ``*_vox``), never as mm. MSD data takes spacing from the NIfTI headers."""
+
+    @model_validator(mode="after")
+    def _spacing_fits(self) -> DataConfig:
+        if self.spacing is not None:
+            if self.format == "msd":
+                raise ValueError("data.spacing is for h5 data; MSD/NIfTI spacing comes from the image headers")
+            if not all(s > 0 for s in self.spacing):
+                raise ValueError(f"data.spacing must be 3 positive numbers (mm along X, Y, Z), got {self.spacing}")
+        return self
 
     @model_validator(mode="after")
     def _split_given(self) -> DataConfig:

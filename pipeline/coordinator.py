@@ -70,8 +70,11 @@ class RoundSummary:
                          f"cached embeddings {r['cached_slices']}/{r['prompted_slices']}")
         parts.append(f"train loss {self.train.get('loss', float('nan')):.4f}")
         if self.test:
-            parts.append(f"test Dice {self.test['dice']:.4f} HD95 {self.test['hd95_mm']:.2f} mm "
-                         f"ASD {self.test['asd_mm']:.2f} mm")
+            unit = "vox" if "hd95_vox" in self.test else "mm"
+            hd = self.test.get(f"hd95_{unit}", float("nan"))
+            asd = self.test.get(f"asd_{unit}", float("nan"))
+            nan = f" ({self.test['hd95_nan']}/{self.test['pairs']} pairs without distance)" if "pairs" in self.test else ""
+            parts.append(f"test Dice {self.test['dice']:.4f} HD95 {hd:.2f} {unit} ASD {asd:.2f} {unit}{nan}")
         if self.audit:
             parts.append(f"audit pseudo Dice {self.audit['pseudo_dice']:.4f} vs specialist "
                          f"{self.audit['specialist_dice']:.4f}")

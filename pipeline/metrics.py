@@ -1,4 +1,5 @@
-"""Segmentation metrics as the field reports them (medpy / SSL4MIS / nnU-Net), distances in millimetres.
+"""Segmentation metrics as the field reports them (medpy / SSL4MIS / nnU-Net), distances in millimetres
+when the voxel spacing is known and in voxels when it is not.
 
 Conventions, stated once and used by every function here:
 
@@ -23,6 +24,9 @@ Conventions, stated once and used by every function here:
   directed distance sets, i.e. ``(sum(d_pred_ref) + sum(d_ref_pred)) / (n_pred_surf + n_ref_surf)``.
   This differs from medpy's ``assd`` (mean of the two directed means) when the surfaces differ in size,
   and from SSL4MIS's use of medpy ``asd`` (the directed pred->ref mean only).
+* Units: a table's distance columns carry their unit in their name, ``hd95_mm``/``asd_mm`` or
+  ``hd95_vox``/``asd_vox`` (:func:`case_metrics` with ``spacing=None``: unit voxel steps, for data such as
+  UA-MT's h5 files that store no spacing). Nothing in voxels is ever labelled mm.
 * Empty masks: Dice and Jaccard are 1.0 when both masks are empty (nothing to find, nothing found) and
   0.0 when exactly one is. HD and ASD are undefined when either mask is empty and are returned as
   ``float("nan")``; :func:`summarize` averages with nan-means, so such cases drop out of the distance
@@ -37,8 +41,30 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-METRIC_COLUMNS: tuple[str, ...] = ("dice", "jaccard", "hd95_mm", "asd_mm")
-"""The columns of :func:`case_metrics` rows that :func:`summarize` averages."""
+DISTANCE_UNITS: tuple[str, ...] = ("mm", "vox")
+"""``mm`` when the spacing is known, ``vox`` (voxel steps) when it is not."""
+
+
+def metric_columns(unit: str = "mm") -> tuple[str, ...]:
+    """The columns of :func:`case_metrics` rows that :func:`summarize` averages, for a distance ``unit``."""
+    if unit not in DISTANCE_UNITS:
+        raise ValueError(f"distance unit {unit!r} is not one of {DISTANCE_UNITS}")
+    return ("dice", "jaccard", f"hd95_{unit}", f"asd_{unit}")
+
+
+METRIC_COLUMNS: tuple[str, ...] = metric_columns("mm")
+"""The averaged columns of a table in millimetres (``metric_columns("vox")`` for one in voxels)."""
+
+
+def distance_unit(columns) -> str:
+    """The distance unit of a metrics table (or summary dict) from its column names (keys): ``mm`` or ``vox``.
+
+    ValueError when it has distance columns of neither or of both units.
+    """
+    found = [u for u in DISTANCE_UNITS if f"hd95_{u}" in columns]
+    if len(found) != 1:
+        raise ValueError(f"metrics table needs hd95_mm or hd95_vox (one of them); it has {list(columns)}")
+    return found[0]
 
 MEAN_CLASS_ID = -1
 """``class_id`` of the row of :func:`summarize` that averages over classes."""
@@ -165,7 +191,7 @@ def average_surface_distance(pred: np.ndarray, ref: np.ndarray, spacing: Sequenc
 def case_metrics(
     pred_labels: np.ndarray,
     ref_labels: np.ndarray,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | None,
     class_ids: list[int],
     hd_percentile: float = 95.0,
 ) -> list[dict]:
@@ -174,15 +200,16 @@ def case_metrics(
     Args:
         pred_labels, ref_labels: integer label maps of the same shape ``(d0, ..., d{n-1})``; class ``c``
             is the mask ``labels == c``.
-        spacing: ``n`` voxel sizes in mm, same axis order as the arrays.
+        spacing: ``n`` voxel sizes in mm, same axis order as the arrays; None when unknown: distances
+            are then in voxel steps and their keys end in ``_vox`` instead of ``_mm``.
         class_ids: the classes to score, in the order of the returned rows (usually not background 0).
         hd_percentile: the percentile of :func:`hausdorff_percentile`; its value is stored under
-            ``hd95_mm`` whatever the percentile (the column name is fixed).
+            ``hd95_<unit>`` whatever the percentile (the column name is fixed).
 
     Returns:
         One dict per class: ``class_id`` (int), ``dice``, ``jaccard`` (floats in [0, 1]), ``hd95_mm``,
-        ``asd_mm`` (floats in mm, NaN when either mask is empty), ``pred_voxels``, ``ref_voxels``
-        (ints, voxel counts of the class).
+        ``asd_mm`` (floats in mm; ``hd95_vox``, ``asd_vox`` without spacing; NaN when either mask is
+        empty), ``pred_voxels``, ``ref_voxels`` (ints, voxel counts of the class).
 
     Raises:
         ValueError: the shapes differ (the message names both), or the spacing does not fit.
@@ -194,7 +221,8 @@ def case_metrics(
             f"prediction and reference label maps must have the same shape: "
             f"pred {pred_labels.shape} vs ref {ref_labels.shape}"
         )
-    sampling = _as_spacing(spacing, pred_labels.ndim)
+    unit = "vox" if spacing is None else "mm"
+    sampling = (1.0,) * pred_labels.ndim if spacing is None else _as_spacing(spacing, pred_labels.ndim)
     rows: list[dict] = []
     for class_id in class_ids:
         pred = pred_labels == class_id
@@ -204,8 +232,8 @@ def case_metrics(
                 "class_id": int(class_id),
                 "dice": dice(pred, ref),
                 "jaccard": jaccard(pred, ref),
-                "hd95_mm": hausdorff_percentile(pred, ref, sampling, hd_percentile),
-                "asd_mm": average_surface_distance(pred, ref, sampling),
+                f"hd95_{unit}": hausdorff_percentile(pred, ref, sampling, hd_percentile),
+                f"asd_{unit}": average_surface_distance(pred, ref, sampling),
                 "pred_voxels": int(np.count_nonzero(pred)),
                 "ref_voxels": int(np.count_nonzero(ref)),
             }
@@ -218,31 +246,33 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
     Args:
         df: one row per (case, class) with at least ``class_id`` and the metric columns ``dice``,
-            ``jaccard``, ``hd95_mm``, ``asd_mm``; other columns (case id, voxel counts) are ignored.
+            ``jaccard``, ``hd95_mm``, ``asd_mm`` (or ``hd95_vox``, ``asd_vox``); other columns (case id,
+            voxel counts) are ignored.
 
     Returns:
-        A DataFrame with columns ``class_id, dice, jaccard, hd95_mm, asd_mm, n, n_nan_distance``: one row
-        per class (sorted by ``class_id``) holding the nan-mean of each metric over that class's rows,
-        ``n`` its number of rows and ``n_nan_distance`` how many of them have an undefined (NaN)
-        ``hd95_mm``; then a last row ``class_id = -1`` ("mean") holding the nan-mean over the per-class
+        A DataFrame with columns ``class_id, dice, jaccard, hd95_<unit>, asd_<unit>, n, n_nan_distance``
+        (the unit of ``df``): one row per class (sorted by ``class_id``) holding the nan-mean of each metric
+        over that class's rows, ``n`` its number of rows and ``n_nan_distance`` how many of them have an
+        undefined (NaN) ``hd95``; then a last row ``class_id = -1`` ("mean") holding the nan-mean over the per-class
         means (each class weighs the same, as papers report the mean over classes), with ``n`` and
         ``n_nan_distance`` summed over classes. A metric that is NaN for every row of a class stays NaN.
     """
-    missing = [c for c in ("class_id", *METRIC_COLUMNS) if c not in df.columns]
+    metrics = list(metric_columns(distance_unit(df.columns)))
+    missing = [c for c in ("class_id", *metrics) if c not in df.columns]
     if missing:
         raise ValueError(f"metrics table lacks column(s) {missing}; it has {list(df.columns)}")
-    columns = ["class_id", *METRIC_COLUMNS, "n", "n_nan_distance"]
+    columns = ["class_id", *metrics, "n", "n_nan_distance"]
     if df.empty:
         return pd.DataFrame(columns=columns)
-    values = df[["class_id", *METRIC_COLUMNS]].copy()
-    values[list(METRIC_COLUMNS)] = values[list(METRIC_COLUMNS)].astype(float)
+    values = df[["class_id", *metrics]].copy()
+    values[metrics] = values[metrics].astype(float)
     grouped = values.groupby("class_id", sort=True)
-    per_class = grouped[list(METRIC_COLUMNS)].mean()  # pandas' mean skips NaN
+    per_class = grouped[metrics].mean()  # pandas' mean skips NaN
     per_class["n"] = grouped.size()
-    per_class["n_nan_distance"] = grouped["hd95_mm"].apply(lambda s: int(s.isna().sum()))
+    per_class["n_nan_distance"] = grouped[metrics[2]].apply(lambda s: int(s.isna().sum()))
     per_class = per_class.reset_index()
     mean_row = {"class_id": MEAN_CLASS_ID}
-    for column in METRIC_COLUMNS:
+    for column in metrics:
         mean_row[column] = float(per_class[column].mean())
     mean_row["n"] = int(per_class["n"].sum())
     mean_row["n_nan_distance"] = int(per_class["n_nan_distance"].sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,12 +11,16 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from pipeline.errors import ConfigError
+from pipeline.evaluation import METRICS, round_means
 from pipeline.metrics import (
     average_surface_distance,
     case_metrics,
     dice,
+    distance_unit,
     hausdorff_percentile,
     jaccard,
+    metric_columns,
     summarize,
     surface_distances,
 )
@@ -325,3 +330,103 @@ def test_summarize_all_nan_class_stays_nan_and_bad_table_raises():
     assert out.loc[1, "dice"] == 0.0
     with pytest.raises(ValueError, match="hd95_mm"):
         summarize(df.drop(columns=["hd95_mm"]))
+
+
+# --------------------------------------------------------------------------- units and NaN counts
+
+
+def test_case_metrics_without_spacing_reports_voxels_never_mm():
+    ref = np.zeros((8, 8, 8), dtype=np.int64)
+    ref[1:4, 1:4, 1:4] = 1
+    pred = ref.copy()
+    pred[1:4, 1:4, 1:2] = 0
+    vox = case_metrics(pred, ref, None, [1])[0]
+    assert set(vox) == {"class_id", "dice", "jaccard", "hd95_vox", "asd_vox", "pred_voxels", "ref_voxels"}
+    assert vox["hd95_vox"] == 1.0  # one voxel step, whatever its size in mm
+    mm = case_metrics(pred, ref, (1.0, 1.0, 2.0), [1])[0]
+    assert mm["hd95_mm"] == 2.0 and "hd95_vox" not in mm
+    assert distance_unit(vox) == "vox" and distance_unit(mm) == "mm"
+    assert metric_columns("vox") == ("dice", "jaccard", "hd95_vox", "asd_vox")
+    with pytest.raises(ValueError, match="hd95_mm or hd95_vox"):
+        distance_unit(["dice", "hd95_mm", "hd95_vox"])
+    out = summarize(pd.DataFrame(case_metrics(pred, ref, None, [1])))
+    assert list(out.columns) == ["class_id", "dice", "jaccard", "hd95_vox", "asd_vox", "n", "n_nan_distance"]
+
+
+def _eval_table(unit: str) -> pd.DataFrame:
+    return pd.DataFrame({"case_id": ["a", "a", "b", "b", "c", "c"], "class_id": [1, 2, 1, 2, 1, 2],
+                         "dice": [0.8, 0.6, 0.0, 0.2, 1.0, 0.4], "jaccard": [0.6, 0.4, 0.0, 0.1, 1.0, 0.3],
+                         f"hd95_{unit}": [1.0, 3.0, np.nan, 5.0, np.nan, 7.0],
+                         f"asd_{unit}": [1.0, 1.0, np.nan, 2.0, np.nan, 3.0]})
+
+
+def test_round_means_counts_nan_pairs_and_keeps_the_unit():
+    m = round_means(_eval_table("vox"), per_class=METRICS)
+    assert m["hd95_vox"] == pytest.approx((1 + 3 + 5 + 7) / 4) and "hd95_mm" not in m
+    assert (m["hd95_nan"], m["asd_nan"], m["pairs"]) == (2, 2, 6)
+    assert m["hd95_vox_class1"] == pytest.approx(1.0) and m["dice_class2"] == pytest.approx(0.4)
+    mm = round_means(_eval_table("mm"))
+    assert mm["asd_mm"] == pytest.approx(7 / 4) and mm["hd95_nan"] == 2 and set(mm) >= {"dice_class1", "dice_class2"}
+
+
+def test_eval_table_and_round_line_name_the_unit(tmp_path):
+    from pipeline.coordinator import RoundSummary
+    from pipeline.reports import eval_frame, eval_table
+
+    (tmp_path / "eval").mkdir()
+    df = _eval_table("vox")
+    df.insert(0, "round", 0)
+    df.to_parquet(tmp_path / "eval" / "round_000.parquet", index=False)
+    text = eval_table(tmp_path)
+    assert text.splitlines()[0] == "distances in voxels (no voxel spacing known)" and " mm" not in text
+    frame = eval_frame(tmp_path)
+    assert {"hd95_vox", "asd_vox", "hd95_nan", "pairs"} <= set(frame.columns) and frame["hd95_nan"][0] == 2
+    line = RoundSummary(round=0, seconds=1.0, train={"loss": 0.5}, test=round_means(df)).line()
+    assert "HD95 4.00 vox ASD 1.75 vox (2/6 pairs without distance)" in line and "mm" not in line
+    line_mm = RoundSummary(round=0, seconds=1.0, test=round_means(_eval_table("mm"))).line()
+    assert "HD95 4.00 mm ASD 1.75 mm" in line_mm
+
+
+def test_h5_distances_are_in_voxels_unless_a_spacing_is_given(tmp_path):
+    import h5py
+    import torch
+
+    from pipeline.data.dataset import load_image, load_label, read_dataset_info
+    from pipeline.data.synthetic import write_synthetic_h5, write_synthetic_msd
+    from pipeline.evaluation import EvalVolume, distance_spacing, evaluate_model
+    from pipeline.models.unet import build_model, model_args
+    from tests.conftest import small_config
+
+    root = write_synthetic_h5(tmp_path / "h5", num_cases=4, shape=(16, 20, 18), seed=2)
+    info = read_dataset_info(root, "h5")
+    vols = [EvalVolume(c, *load_image(info, c)[:1], load_label(info, c), load_image(info, c)[1])
+            for c in ["case_000", "case_001"]]
+    assert vols[0].spacing == (1.0, 1.0, 1.0)  # what the loader falls back to: not to be called mm
+
+    def cfg(**data):
+        return small_config(root, tmp_path / "run", data={"format": "h5", "split_file": None, "num_labeled": None,
+                                                          "labeled": ["case_002"], "unlabeled": ["case_003"],
+                                                          "test": ["case_000", "case_001"], **data})
+
+    assert distance_spacing(cfg().data, vols) == {"case_000": None, "case_001": None}
+    assert distance_spacing(cfg(spacing=[0.5, 0.6, 2.0]).data, vols)["case_001"] == (0.5, 0.6, 2.0)
+    model = build_model(model_args(cfg().model, info.num_classes))
+    df = evaluate_model(model, vols, cfg(), [1, 2], torch.device("cpu"))
+    assert {"hd95_vox", "asd_vox"} <= set(df.columns) and not any(c.endswith("_mm") for c in df.columns)
+    assert {"hd95_mm", "asd_mm"} <= set(evaluate_model(model, vols, cfg(spacing=[1, 1, 2]), [1, 2],
+                                                       torch.device("cpu")).columns)
+    # a spacing attribute in a file, or a spacing list in dataset.json, counts as known
+    with h5py.File(root / "case_001.h5", "r+") as f:
+        f.attrs["spacing"] = [0.7, 0.7, 3.0]
+    assert distance_spacing(cfg().data, vols) == {"case_000": None, "case_001": (1.0, 1.0, 1.0)}
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "spacing": [0.9, 0.9, 1.5]}))
+    assert set(distance_spacing(cfg().data, vols).values()) == {(0.9, 0.9, 1.5)}
+    # MSD: the NIfTI header's spacing; data.spacing is refused there
+    msd = write_synthetic_msd(tmp_path / "msd", num_cases=4, shape=(16, 20, 18), seed=2)
+    msd_info = read_dataset_info(msd, "msd")
+    image, spacing = load_image(msd_info, "case_000")
+    msd_cfg = small_config(msd, tmp_path / "run", data={"format": "msd"})
+    assert distance_spacing(msd_cfg.data, [EvalVolume("case_000", image, image, spacing)]) == {"case_000": spacing}
+    with pytest.raises(ConfigError, match="data.spacing is for h5"):
+        small_config(msd, tmp_path / "run", data={"format": "msd", "spacing": [1, 1, 1]})

@@ -17,23 +17,31 @@ def slice_scores(scores: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
-                       min_score: float, consensus_only: bool = False) -> dict[str, PseudoLabel]:
-    """The masks of ``round_index`` for ``case_ids`` in volume axis order, with slice weights 1/0.
+def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores: np.ndarray, slice_axis: int,
+                       min_score: float, consensus_only: bool = False) -> PseudoLabel:
+    """One case's relabel output (``pseudo_label``, ``specialist`` uint8 (S, H, W) slice-first, ``scores``
+    float32 (S, K)) as a training :class:`PseudoLabel` in volume axis order, with slice weights 1/0.
 
     A slice without any prompt (score NaN) is kept: its pseudo-label is background, which the specialist
     itself predicted there. A prompted slice is kept when its mean score reaches ``min_score``.
     ``consensus_only``: voxels where the pseudo-label differs from the specialist prediction stored with
     it (the one its prompts came from) get weight 0 (``PseudoLabel.voxel_weight``).
     """
+    mean = slice_scores(scores)
+    keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
+    labels = np.moveaxis(pseudo_label, 0, slice_axis)
+    voxel = None
+    if consensus_only:
+        voxel = np.ascontiguousarray(np.moveaxis(pseudo_label == specialist, 0, slice_axis))
+    return PseudoLabel(np.ascontiguousarray(labels), keep, voxel)
+
+
+def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
+                       min_score: float, consensus_only: bool = False) -> dict[str, PseudoLabel]:
+    """The masks of ``round_index`` for ``case_ids`` from the store, gated as :func:`gated_pseudo_label`."""
     out = {}
     for case_id in case_ids:
         stored = store.read_case(round_index, case_id)
-        mean = slice_scores(stored["scores"])
-        keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
-        labels = np.moveaxis(stored["pseudo_label"], 0, slice_axis)
-        voxel = None
-        if consensus_only:
-            voxel = np.ascontiguousarray(np.moveaxis(stored["pseudo_label"] == stored["specialist"], 0, slice_axis))
-        out[case_id] = PseudoLabel(np.ascontiguousarray(labels), keep, voxel)
+        out[case_id] = gated_pseudo_label(stored["pseudo_label"], stored["specialist"], stored["scores"],
+                                          slice_axis, min_score, consensus_only)
     return out
