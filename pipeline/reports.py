@@ -91,7 +91,9 @@ def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: 
 
 
 def eval_frame(run_dir: Path) -> pd.DataFrame:
-    """Per round: mean Dice, Jaccard, HD95 (mm), ASD (mm) over test cases and classes, and Dice per class."""
+    """Per round: mean Dice, Jaccard, HD95, ASD over test cases and classes (``hd95_mm``/``asd_mm``, or
+    ``hd95_vox``/``asd_vox`` for data without spacing), how many case-class pairs had no distance
+    (``hd95_nan``, ``asd_nan`` of ``pairs``), and Dice per class."""
     from pipeline.evaluation import round_means
 
     files = sorted((Path(run_dir) / "eval").glob("round_*.parquet"))
@@ -105,4 +107,10 @@ def eval_frame(run_dir: Path) -> pd.DataFrame:
 
 
 def eval_table(run_dir: Path) -> str:
-    return "distances in mm\n" + eval_frame(run_dir).to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    """:func:`eval_frame` as text, headed by the distance unit (``mm``, or ``voxels`` without spacing)."""
+    frame = eval_frame(run_dir)
+    units = {u for u in ("mm", "vox") if f"hd95_{u}" in frame.columns}
+    header = {frozenset({"mm"}): "distances in mm",
+              frozenset({"vox"}): "distances in voxels (no voxel spacing known)"}.get(
+        frozenset(units), "distances in mm (hd95_mm, asd_mm) and in voxels (hd95_vox, asd_vox)")
+    return header + "\n" + frame.to_string(index=False, float_format=lambda x: f"{x:.4f}")
