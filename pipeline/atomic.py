@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.storage import _umask
+
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename tmp_path to ``path`` (same folder, so the rename is atomic)."""
@@ -19,6 +21,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared run folder must stay readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -3,6 +3,7 @@
     semisam run CONFIG [key.sub=value ...]   run or resume a run (starts a local Ray unless one is reachable)
     semisam inspect STORE [--png DIR]        per-round table of a pseudo-label store (+ overlay pictures)
     semisam eval RUN                         per-round test metrics of a run folder
+    semisam verify RUN                       check a run folder and list every problem
     semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
     semisam validate ROOT                    check a dataset folder (MSD, h5, SSL4MIS; detected) and list every problem
 """
@@ -14,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.errors import SemisamError
+from pipeline.errors import Interrupted, SemisamError
+from pipeline.interrupt import exit_code
 
 log = logging.getLogger("semisam")
 
@@ -31,18 +33,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.reports import rounds_table
 
     cfg = load_config(args.config, args.overrides)
-    summaries = run(cfg)
+    try:
+        summaries = run(cfg)
+    except Interrupted as e:
+        log.warning("%s (run folder %s)", e, cfg.run_dir)
+        return exit_code(e.signum)
     _out(f"run folder: {cfg.run_dir}")
     _out(rounds_table(summaries))
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import verify_run
+
+    report = verify_run(args.run)
+    _out(report.text())
+    return 0 if report.ok else 1
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.reports import inspect_table, write_overlays
 
-    _out(inspect_table(Path(args.store)))
+    _out(inspect_table(args.store))
     if args.png:
-        paths = write_overlays(Path(args.store), Path(args.png), num_slices=args.num_slices, round_index=args.round,
+        paths = write_overlays(args.store, Path(args.png), num_slices=args.num_slices, round_index=args.round,
                                pick=args.pick, seed=args.seed)
         sheets = [p for p in paths if p.parent.name == "sheets"]
         _out(f"wrote {len(paths) - len(sheets)} slice pictures ({args.pick}) to {args.png}"
@@ -53,7 +67,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.reports import eval_table
 
-    _out(eval_table(Path(args.run)))
+    _out(eval_table(args.run))
     if args.png:
         from pipeline.eval_plots import write_eval_plots
 
@@ -110,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="the run folder, e.g. runs/demo")
     e.add_argument("--png", metavar="DIR", help="also plot Dice per round (and the pseudo-label audit) here")
     e.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("verify", help="check a run folder (checkpoints, manifest vs arrays, state) and list every problem")
+    f.add_argument("run", help="the run folder: a path or URL, e.g. runs/demo or s3://bucket/runs/demo")
+    f.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo-data", help="write the synthetic dataset and a tiny SAM checkpoint")
     d.add_argument("out", nargs="?", default="data/demo")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.storage import Location, is_url
 
 
 class _Strict(BaseModel):
@@ -207,8 +208,14 @@ class SamConfig(_Strict):
     """A ``segment_anything`` model (SAM ViT-H/L/B, MedSAM ViT-B, or the tiny test variant)."""
 
     variant: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
-    checkpoint: Path | None = None
-    """State dict file; required. Loaded with ``weights_only=True`` and ``map_location``."""
+    checkpoint: str | None = None
+    """State dict file (a path, or a URL such as ``s3://models/sam_vit_b.pth``); required. Loaded with
+    ``weights_only=True`` and ``map_location``; checked against the variant before any training."""
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _checkpoint_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
     image_size: int | None = None
     """Encoder input size; None means the variant's own (1024 for ViT, 64 for tiny)."""
     preprocess: Literal["sam", "medsam"] = "sam"
@@ -249,12 +256,42 @@ class ActorResources(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads inside the actor; None keeps torch's default (Ray sets OMP_NUM_THREADS)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources the actor asks for, e.g. ``{sam_gpu: 1}``: it is placed only on nodes started with
+    that resource (``ray start --resources='{"sam_gpu": 4}'``, KubeRay ``rayStartParams.resources``)."""
 
 
 class SamPoolConfig(ActorResources):
-    num_workers: int = Field(default=2, ge=1)
+    num_workers: int | Literal["auto"] = 2
+    """SAM actors wanted; ``auto``: as many as the cluster can place (bounded by ``max_workers``). When the
+    cluster can place fewer than asked, the run starts with those (at least ``min_workers``) and says so."""
+    min_workers: int = Field(default=1, ge=1)
+    """Fewer SAM actors than this placeable within ``faults.placement_timeout_s``: the run stops with a message
+    naming the missing resources instead of waiting."""
+    max_workers: int | None = Field(default=None, ge=1)
+    """Upper bound for ``num_workers: auto`` (None: no bound)."""
     cases_per_task: int = Field(default=1, ge=1)
     """Cases sent to an actor in one call (a work queue; the embedding cache is on disk, so any actor can take any case)."""
+
+
+class FaultConfig(_Strict):
+    """How a run survives lost actors and nodes (see the README's "What survives what")."""
+
+    actor_restarts: int = Field(default=3, ge=0)
+    """Ray restarts a dead trainer or SAM actor this many times (``max_restarts``); the coordinator then
+    re-queues what it held. A trainer restart reloads the last published checkpoint and redoes the round."""
+    case_attempts: int = Field(default=3, ge=1)
+    """Tries per case in a relabel round (a case whose actor died or that raised counts one); after that
+    the case is given up, recorded and reported, and the round goes on."""
+    max_failed_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    """A relabel round that gives up on more than this fraction of its cases stops the run."""
+    trainer_attempts: int = Field(default=3, ge=1)
+    """Tries of one training round (or evaluation) before the run stops."""
+    placement_timeout_s: float = Field(default=120.0, gt=0)
+    """How long to wait for the cluster to place the trainer, or any SAM actor, before stopping with a
+    message that names the missing resources (an autoscaler may add nodes meanwhile)."""
+    lock_stale_s: float = Field(default=60.0, gt=0)
+    """A run folder's lock whose driver has not renewed it for this long is taken over (the driver died)."""
 
 
 class WorkersConfig(_Strict):
@@ -270,6 +307,14 @@ class WorkersConfig(_Strict):
     """Dashboard binds to localhost unless you say otherwise: it can run code on the cluster."""
     trainer: ActorResources = Field(default_factory=ActorResources)
     sam: SamPoolConfig = Field(default_factory=SamPoolConfig)
+    faults: FaultConfig = Field(default_factory=lambda: FaultConfig())
+
+    @field_validator("sam")
+    @classmethod
+    def _pool_bounds(cls, v: SamPoolConfig) -> SamPoolConfig:
+        if isinstance(v.num_workers, int) and v.num_workers < 1:
+            raise ValueError("workers.sam.num_workers must be >= 1 or 'auto'")
+        return v
 
 
 class EvalConfig(_Strict):
@@ -284,8 +329,13 @@ class EvalConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = "run"
-    output_dir: Path = Path("runs")
-    """The run folder is ``output_dir/name``; rerunning the same folder resumes it."""
+    output_dir: str = "runs"
+    """The run folder is ``output_dir/name``; rerunning the same folder resumes it. A local or NFS path, or
+    any fsspec URL (``s3://bucket/runs``, ``gs://...``, ``file://...``). On a multi-node cluster it must be
+    storage every node sees (shared filesystem or object storage)."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Extra fsspec options for ``output_dir`` (e.g. ``{endpoint_url: ..., anon: false}``); S3 keys and
+    endpoints otherwise come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
     rounds: int = Field(default=2, ge=1)
     """Round 0 trains without pseudo-labels; rounds 1.. relabel with the previous checkpoint, then train."""
     seed: int = 0
@@ -307,9 +357,15 @@ class RunConfig(_Strict):
         check_case_id(v, what="run name")
         return v
 
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
     @property
-    def run_dir(self) -> Path:
-        return self.output_dir / self.name
+    def run_dir(self) -> Location:
+        """The run folder as a :class:`pipeline.storage.Location` (works like a Path; may be object storage)."""
+        return Location.of(self.output_dir, self.storage_options) / self.name
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -347,10 +403,44 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
 
 
+# Config keys that hold paths. Relative ones in a config file mean "relative to that file's folder";
+# relative ones typed as overrides mean "relative to the current directory". Both are stored absolute, so
+# the saved config.yaml means the same on every node and from any folder.
+PATH_KEYS = ("output_dir", "data.root", "data.split_file", "generalist.sam.checkpoint",
+             "generalist.cache_dir", "train.init_from")
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def absolute_paths(tree: dict[str, Any], base: Path, keys: tuple[str, ...] = PATH_KEYS) -> dict[str, Any]:
+    """``tree`` with the relative paths of ``keys`` joined to ``base`` (URLs and absolute paths kept)."""
+    for key in keys:
+        value = _get_dotted(tree, key)
+        if isinstance(value, (str, Path)) and str(value) and not is_url(value) and not Path(value).expanduser().is_absolute():
+            _set_dotted(tree, key, str((base / Path(value).expanduser()).resolve()))
+        elif isinstance(value, Path):
+            _set_dotted(tree, key, str(value))
+    return tree
+
+
+def with_absolute_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
+    """The same config with every relative path resolved against ``base`` (default: the current directory)."""
+    tree = absolute_paths(cfg.model_dump(mode="json"), (base or Path.cwd()).resolve())
+    return config_from_dict(tree, source="<resolved>")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides, validate.
 
-    Relative data/checkpoint paths stay relative to the current directory (as typed by the user).
+    Relative paths written in the file resolve against the file's folder; relative paths in overrides
+    against the current directory (as typed by the user). The result holds absolute paths (or URLs).
     """
     path = Path(path)
     if not path.is_file():
@@ -361,8 +451,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    absolute_paths(tree, path.resolve().parent)
     for text in overrides:
         key, value = parse_override(text)
+        if key in PATH_KEYS and value is not None:
+            value = absolute_paths({"v": value}, Path.cwd(), ("v",))["v"]
         _set_dotted(tree, key, value)
     return config_from_dict(tree, source=str(path))
 

@@ -1,4 +1,4 @@
-"""The coordinator: alternates relabeling rounds and training rounds on Ray, and resumes runs.
+"""The coordinator: alternates relabeling rounds and training rounds on Ray, survives faults, resumes runs.
 
     round 0:   train (no pseudo-labels)                      -> checkpoint 0 -> evaluate
     round r>0: relabel unlabeled cases with checkpoint r-1   -> store round r
@@ -7,40 +7,53 @@
 With the pseudo-label term off (``train.pseudo_label.enabled: false`` or weight 0, e.g. plain Mean
 Teacher) no SAM pool is started and every round only trains.
 
-Run folder (``output_dir/name``)::
+Run folder (``output_dir/name``, a local path or an fsspec URL, see pipeline.storage)::
 
-    config.yaml          the resolved config (a resumed run must match it, except rounds/workers/device)
-    state.json           completed rounds and their one-line summaries (written atomically)
-    checkpoints/         ckpt_NNNN.pt, one per round
-    pseudo_labels/       the store (masks.zarr + manifest.parquet), see pipeline.store
+    config.yaml          the resolved config, absolute paths (a resumed run must match it, except
+                         rounds/workers/device)
+    state.json           completed rounds, their one-line summaries, each checkpoint's SHA-256
+    driver.lock          the driver that owns the folder (pipeline.run_lock)
+    checkpoints/         ckpt_NNNN.pt (+ .sha256), one per round
+    pseudo_labels/       the store (masks.zarr + manifest/), see pipeline.store
     embeddings.zarr/     the embedding cache
     eval/round_NNN.parquet, audit/round_NNN.parquet
 
-Rerunning the same folder skips completed rounds; inside an interrupted relabel round, cases already in
-the manifest are not redone.
+What survives what (the README has the table): a SAM actor that dies has its cases re-queued to any
+live actor (``faults.case_attempts`` tries per case); a trainer that dies is restarted by Ray, reloads
+the last published checkpoint and redoes the round; a lost node is the same path; a killed driver
+resumes after the last completed round, and inside a relabel round only cases that are not both in the
+manifest and in the arrays are redone.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+import pandas as pd
 import ray
 import yaml
-from tqdm import tqdm
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import RunConfig, dump_config
+from pipeline.checkpoint import checkpoint_path
+from pipeline.config import RunConfig, dump_config, with_absolute_paths
 from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.data.validate import validate_cases
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import ConfigError, PlacementError, SemisamError, WorkerError
 from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.generalist.factory import generalist_name
+from pipeline.interrupt import POLL_SECONDS, StopFlag
+from pipeline.placement import describe, plan_pool, request_of
+from pipeline.pool import DEAD, READY, SamPool, short_cause, task_error_cause
+from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
+from pipeline.run_lock import RunLock
+from pipeline.storage import Location, check_writable
 from pipeline.store import PseudoLabelStore
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
@@ -49,8 +62,11 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: they decide where and how long it runs, not what it computes.
 RESUMABLE_CHANGES = {"rounds", "workers", "device"}
-# How often the coordinator appends finished cases to the manifest during a relabel round.
+# How often the coordinator appends finished cases to the manifest during a relabel round. Each append
+# is one new part file; a crash loses at most the cases of the last interval, which a resume redoes.
 MANIFEST_FLUSH_SECONDS = 10.0
+# Calls queued per ready SAM actor (one running, one waiting, so an actor never idles between cases).
+CALLS_PER_ACTOR = 2
 
 
 @dataclass
@@ -66,8 +82,11 @@ class RoundSummary:
         parts = [f"round {self.round}"]
         if self.relabel:
             r = self.relabel
-            parts.append(f"relabel {r['cases']} cases/{r['slices']} slices, score {r['score_mean']:.3f}, "
-                         f"cached embeddings {r['cached_slices']}/{r['prompted_slices']}")
+            cached = (f"cached embeddings {r['cached_slices']}/{r['prompted_slices']}"
+                      if r.get("cacheable", True) else "no embeddings (weight-free generalist)")
+            parts.append(f"relabel {r['cases']} cases/{r['slices']} slices, score {r['score_mean']:.3f}, {cached}")
+            if r.get("failed_cases"):
+                parts.append(f"{len(r['failed_cases'])} cases given up")
         parts.append(f"train loss {self.train.get('loss', float('nan')):.4f}")
         if self.test:
             unit = "vox" if "hd95_vox" in self.test else "mm"
@@ -93,11 +112,24 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def read_state(run_dir: Location) -> dict:
+    """state.json of a run folder (an empty state when there is none); a damaged file is named."""
+    loc = run_dir / "state.json"
+    if not loc.exists():
+        return {"completed": [], "summaries": [], "checkpoints": {}}
+    try:
+        state = json.loads(loc.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{loc} is damaged ({e}); it records which rounds are done. Restore it, or delete it "
+                          "to redo every round (checkpoints and pseudo-labels are rewritten)") from None
+    state.setdefault("checkpoints", {})
+    return state
+
+
 def prepare_run_dir(cfg: RunConfig) -> dict:
-    """Create or reopen the run folder; returns the saved state ({"completed": [...], "summaries": [...]})."""
+    """Create or reopen the run folder; returns the saved state (see ``read_state``)."""
     run_dir = cfg.run_dir
     saved_cfg = run_dir / "config.yaml"
-    state_path = run_dir / "state.json"
     if saved_cfg.exists():
         old = yaml.safe_load(saved_cfg.read_text())
         new = cfg.model_dump(mode="json")
@@ -107,142 +139,377 @@ def prepare_run_dir(cfg: RunConfig) -> dict:
                 f"run folder {run_dir} holds a run with another config (differs in: {', '.join(changed)}); "
                 "resume it with the same config, or pick a new name= / output_dir="
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved_cfg, dump_config(cfg))
-    if state_path.exists():
-        return json.loads(state_path.read_text())
-    return {"completed": [], "summaries": []}
+    run_dir.mkdir()
+    saved_cfg.write_text(dump_config(cfg))
+    return read_state(run_dir)
+
+
+def check_not_in_job_package(cfg: RunConfig) -> None:
+    """Under ``ray job submit --working-dir`` the driver runs in a temporary copy of the project that Ray
+    deletes with the job: a run folder there would vanish."""
+    run_dir = cfg.run_dir
+    if run_dir.is_local and "runtime_resources" in run_dir.path.split(os.sep):
+        raise ConfigError(
+            f"the run folder {run_dir} is inside Ray's temporary job package (deleted when the job ends): give "
+            "an absolute output_dir on storage every node sees, e.g. output_dir=/shared/runs or s3://bucket/runs")
 
 
 def preflight(cfg: RunConfig):
-    """Everything that can be checked before any work starts: dataset, split, checkpoint path."""
+    """Everything that can be checked before any work starts: dataset, split, SAM checkpoint, storage."""
+    from pipeline.generalist.sam import check_sam_checkpoint
+
+    check_not_in_job_package(cfg)
     info = read_dataset_info(cfg.data.root, cfg.data.format)
     split = resolve_split(cfg.data, info)
     validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels)
-    if cfg.generalist.backend == "sam":
-        ckpt = cfg.generalist.sam.checkpoint
-        if ckpt is None or not Path(ckpt).is_file():
-            raise CheckpointError(f"SAM checkpoint {ckpt} does not exist (generalist.sam.checkpoint)")
+    if cfg.generalist.backend == "sam" and cfg.train.pseudo_label.active and split.unlabeled:
+        check_sam_checkpoint(cfg.generalist.sam)
+    check_writable(cfg.run_dir)
     if not split.unlabeled and cfg.rounds > 1:
         log.warning("no unlabeled cases: rounds after 0 only train further")
     return info, split
 
 
-class Coordinator:
-    """Owns the actors of one run and drives its rounds."""
+def frame_to_parquet(df: pd.DataFrame, loc: Location) -> None:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    loc.write_bytes(buf.getvalue())
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+
+class Coordinator:
+    """Owns the actors of one run and drives its rounds. Holds the run folder's lock while it lives."""
+
+    def __init__(self, cfg: RunConfig, on_event=None):
+        """``on_event(name, coordinator, **details)``: called at round/task boundaries (progress, tests)."""
+        self.cfg = cfg = with_absolute_paths(cfg)
+        self.on_event = on_event or (lambda *a, **k: None)
+        self.stop = StopFlag()
         self.info, self.split = preflight(cfg)
-        self.state = prepare_run_dir(cfg)
-        self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
-                                      class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
-        # Without the pseudo-label term there is nothing to relabel: no SAM pool, rounds only train.
-        self.relabels = bool(self.split.unlabeled) and cfg.train.pseudo_label.active
-        self._started_ray = init_ray(cfg.workers)
-        cfg_dict = cfg.model_dump(mode="json")
-        w = cfg.workers
-        self.trainer = remote_actor(TrainerWorker, w.trainer).remote(cfg_dict)
-        self.pool = ([remote_actor(SamWorker, w.sam).remote(cfg_dict, i) for i in range(w.sam.num_workers)]
-                     if self.relabels else [])
+        self.faults = cfg.workers.faults
+        self.lock = RunLock(cfg.run_dir, self.faults.lock_stale_s).acquire()
+        self._started_ray = False
+        self.trainer = None
+        self.pool: SamPool | None = None
+        try:
+            self.state = prepare_run_dir(cfg)
+            self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
+                                          class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
+            # Without the pseudo-label term there is nothing to relabel: no SAM pool, rounds only train.
+            self.relabels = bool(self.split.unlabeled) and cfg.train.pseudo_label.active
+            self._started_ray = init_ray(cfg.workers)
+            self._place_actors()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- actors ----------------------------------------------------------------------------------
+    def _actor_options(self, cls, resources):
+        return remote_actor(cls, resources, max_restarts=self.faults.actor_restarts, max_task_retries=0)
+
+    def _place_actors(self) -> None:
+        w = self.cfg.workers
+        plan = plan_pool(w.trainer, w.sam, self.relabels)
+        if not plan.trainer_fits:
+            raise PlacementError(f"the cluster cannot place the trainer: {plan.message}")
+        if plan.message:
+            log.warning("placement: %s", plan.message)
+        if self.relabels and plan.sam_placeable < w.sam.min_workers:
+            raise PlacementError(f"the cluster cannot place the SAM pool: {plan.message} "
+                                 f"(workers.sam.min_workers={w.sam.min_workers}); add nodes or lower the request")
+        self.sam_wanted = plan.sam_wanted
+        if self.relabels and isinstance(w.sam.num_workers, int) and plan.sam_placeable < w.sam.num_workers:
+            log.warning("starting %d SAM actors; %d more wait for room in the cluster and join when placed",
+                        min(plan.sam_placeable, w.sam.num_workers), w.sam.num_workers - plan.sam_placeable)
+        cfg_dict = self.cfg.model_dump(mode="json")
+        self.trainer = self._actor_options(TrainerWorker, w.trainer).remote(cfg_dict)
+        if self.relabels:
+            factory = self._actor_options(SamWorker, w.sam)
+            self.pool = SamPool(lambda i: factory.remote(cfg_dict, i), self.lock.token)
+            self.pool.grow(self.sam_wanted)
+        self._await_trainer()
+
+    def _await_trainer(self) -> None:
+        """Wait until the trainer answers (placed, data loaded, sees the run folder)."""
+        deadline = time.monotonic() + self.faults.placement_timeout_s
+        while True:
+            try:
+                info = self._get(self.trainer.ready.remote(self.lock.token), deadline=deadline)
+                log.info("trainer ready on %s (pid %s, GPUs %s)", info.get("host"), info.get("pid"),
+                         info.get("gpu_ids") or "none")
+                return
+            except GetTimeoutError:
+                raise PlacementError(
+                    f"the trainer ({describe(request_of(self.cfg.workers.trainer))}) was not placed within "
+                    f"{self.faults.placement_timeout_s:.0f} s (workers.faults.placement_timeout_s); the cluster has "
+                    f"{describe(ray.available_resources())} free. Free or add resources") from None
+            except RayActorError as e:
+                if isinstance(e, ActorDiedError) and ("creation task" in str(e) or "__init__" in str(e)):
+                    raise WorkerError(f"the trainer could not start: {short_cause(e)}") from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"the trainer did not come back: {short_cause(e)}") from None
+                time.sleep(0.5)  # restarting: ask again
+
+    def _get(self, ref, deadline: float | None = None):
+        """``ray.get`` that wakes every POLL_SECONDS for Ctrl-C/SIGTERM; GetTimeoutError past ``deadline``."""
+        while True:
+            self.stop.check()
+            ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
+            if ready:
+                return ray.get(ref)
+            if deadline is not None and time.monotonic() > deadline:
+                raise GetTimeoutError("deadline passed")
+
+    def _trainer_call(self, what: str, method: str, *args):
+        """Call a trainer method; if the trainer dies, wait for Ray to restart it, reload the last published
+        checkpoint and call again (``faults.trainer_attempts`` tries). An error the method raises is final."""
+        for attempt in range(1, self.faults.trainer_attempts + 1):
+            try:
+                return self._get(getattr(self.trainer, method).remote(*args))
+            except RayTaskError as e:
+                cause = task_error_cause(e)
+                if isinstance(cause, SemisamError):
+                    raise cause from None
+                raise WorkerError(f"the trainer failed in {what}: {short_cause(e)}") from None
+            except RayActorError as e:
+                if attempt == self.faults.trainer_attempts:
+                    raise WorkerError(f"the trainer died {attempt} times in {what} (last: {short_cause(e)}); "
+                                      "stopping. Rerun to resume after the last completed round") from None
+                log.warning("the trainer died in %s (%s); restarting it from the last checkpoint (try %d of %d)",
+                            what, short_cause(e), attempt + 1, self.faults.trainer_attempts)
+                self._revive_trainer()
+        raise AssertionError("unreachable")
+
+    def _revive_trainer(self) -> None:
+        """After the trainer died: wait for it (Ray restarts it) or start a new one, then restore."""
+        try:
+            self._await_trainer()
+        except (WorkerError, PlacementError) as e:
+            log.warning("the trainer did not come back (%s); starting a new one", e)
+            self.trainer = self._actor_options(TrainerWorker, self.cfg.workers.trainer).remote(
+                self.cfg.model_dump(mode="json"))
+            self._await_trainer()
+        published = sorted(int(v) for v in self.state["checkpoints"])
+        done = [v for v in published if v in self.state["completed"]]
+        if done:
+            self._get(self.trainer.restore.remote(done[-1], self.state["checkpoints"][str(done[-1])]))
+            log.info("trainer restored checkpoint %d", done[-1])
 
     def shutdown(self) -> None:
-        for a in [self.trainer, *self.pool]:
-            ray.kill(a)
+        try:
+            if self.trainer is not None:
+                ray.kill(self.trainer)
+            if self.pool is not None:
+                self.pool.kill()
+        except Exception as e:  # noqa: BLE001 - shutting down after a failure: report, go on
+            log.debug("killing actors: %s", e)
         if self._started_ray:
             ray.shutdown()
+            self._started_ray = False
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- rounds ----------------------------------------------------------------------------------
-    def run(self) -> list[RoundSummary]:
+    def _verified_completed(self) -> list[int]:
+        """Completed rounds whose checkpoint is still there; from a missing one on, rounds are redone."""
         completed = sorted(self.state["completed"])
-        if completed:
-            last = completed[-1]
-            ray.get(self.trainer.restore.remote(last))
-            log.info("resuming %s after round %d", self.cfg.run_dir, last)
-        summaries = [RoundSummary(**s) for s in self.state["summaries"]]
-        for r in tqdm(range(self.cfg.rounds), desc="rounds", unit="round"):
-            if r in completed:
-                continue
-            summary = self.run_round(r)
-            summaries.append(summary)
-            log.info(summary.line())
-            self.state["completed"].append(r)
-            self.state["summaries"].append(asdict(summary))
-            atomic_write_text(self.cfg.run_dir / "state.json", json.dumps(self.state, indent=1))
-        return summaries
+        for r in completed:
+            if not checkpoint_path(self.cfg.run_dir, r).is_file():
+                log.warning("checkpoint %d of %s is missing: rounds %d.. are redone", r, self.cfg.run_dir, r)
+                keep = [c for c in completed if c < r]
+                self.state["completed"] = keep
+                self.state["summaries"] = [s for s in self.state["summaries"] if s["round"] < r]
+                return keep
+        return completed
+
+    def run(self) -> list[RoundSummary]:
+        with self.stop:
+            completed = self._verified_completed()
+            if completed:
+                last = completed[-1]
+                self._trainer_call("restore", "restore", last, self.state["checkpoints"].get(str(last)))
+                log.info("resuming %s after round %d", self.cfg.run_dir, last)
+            summaries = [RoundSummary(**s) for s in self.state["summaries"]]
+            for r in range(self.cfg.rounds):
+                if r in completed:
+                    continue
+                log.info("round %d of %d starts", r, self.cfg.rounds - 1)
+                summary = self.run_round(r)
+                summaries.append(summary)
+                log.info(summary.line())
+                self.state["completed"].append(r)
+                self.state["summaries"].append(asdict(summary))
+                self._save_state()
+                self.on_event("round_done", self, round=r)
+            return summaries
+
+    def _save_state(self) -> None:
+        (self.cfg.run_dir / "state.json").write_text(json.dumps(self.state, indent=1))
 
     def run_round(self, r: int) -> RoundSummary:
         start = time.perf_counter()
         summary = RoundSummary(round=r, seconds=0.0)
+        pseudo_cases: list[str] | None = None
         if r > 0 and self.relabels:
             summary.relabel = self.relabel_round(r, checkpoint_version=r - 1)
-            if self.cfg.eval.audit_pseudo_labels:
-                audit = audit_pseudo_labels(self.store, self.info, r, self.split.unlabeled, self.info.foreground_classes)
-                out = self.cfg.run_dir / "audit" / f"round_{r:03d}.parquet"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                audit.to_parquet(out, index=False)
+            pseudo_cases = sorted(self.store.completed_cases(r))
+            if self.cfg.eval.audit_pseudo_labels and pseudo_cases:
+                audit = audit_pseudo_labels(self.store, self.info, r, pseudo_cases, self.info.foreground_classes)
+                frame_to_parquet(audit, self.cfg.run_dir / "audit" / f"round_{r:03d}.parquet")
                 summary.audit = {"pseudo_dice": float(audit["pseudo_dice"].mean()),
                                  "specialist_dice": float(audit["specialist_dice"].mean())}
-        pseudo_round = r if (r > 0 and self.relabels) else None
-        summary.train = ray.get(self.trainer.train_round.remote(r, pseudo_round))
-        ray.get(self.trainer.publish.remote(r))
+        pseudo_round = r if pseudo_cases else None
+        self.on_event("train_start", self, round=r)
+        summary.train = self._trainer_call(f"training round {r}", "train_round", r, pseudo_round, pseudo_cases)
+        sha = self._trainer_call(f"publishing checkpoint {r}", "publish", r)
+        self.state["checkpoints"][str(r)] = sha
+        self._save_state()
         if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
-            summary.test = round_means(ray.get(self.trainer.evaluate.remote(r)))
+            summary.test = round_means(self._trainer_call(f"evaluating round {r}", "evaluate", r))
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def relabel_round(self, r: int, checkpoint_version: int) -> dict:
-        """Hand whole cases to the SAM pool (a work queue, two calls queued per actor) and append the
-        manifest as each call returns."""
-        self.store.ensure_round(r, checkpoint_version, generalist_name(self.cfg.generalist))
-        weights = self.trainer.weights.remote()      # stays in the object store; each actor fetches it once
-        model_args = self.trainer.model_args.remote()
-        ray.get([w.load_specialist.remote(checkpoint_version, model_args, weights) for w in self.pool])
+    # -- relabeling ------------------------------------------------------------------------------
+    def _todo(self, r: int) -> list[str]:
+        """Unlabeled cases not yet done in round ``r``. A case with manifest rows whose arrays are gone
+        (deleted, lost) loses its rows and is redone; one with arrays but no rows is simply redone."""
         done = self.store.completed_cases(r)
+        if done:
+            present = self.store.case_status(r)
+            broken = {c for c in done if not present.get(c, False)}
+            if broken:
+                log.warning("round %d: %d cases are in the manifest but their arrays are missing (%s); redoing them",
+                            r, len(broken), ", ".join(sorted(broken)[:5]) + (" ..." if len(broken) > 5 else ""))
+                self.store.remove_cases(r, broken)
+                done -= broken
         todo = [c for c in self.split.unlabeled if c not in done]
         if done:
             log.info("round %d: %d cases already relabeled, %d to go", r, len(done), len(todo))
+        return todo
+
+    def relabel_round(self, r: int, checkpoint_version: int) -> dict:
+        """Hand whole cases to the SAM pool (a work queue, ``CALLS_PER_ACTOR`` calls per ready actor) and
+        append the manifest as calls return. A call whose actor died goes back to the queue; a case that
+        keeps failing is given up after ``faults.case_attempts`` tries."""
+        assert self.pool is not None
+        self.store.ensure_round(r, checkpoint_version, generalist_name(self.cfg.generalist))
+        todo = self._todo(r)
+        added = self.pool.grow(self.sam_wanted)
+        if added:
+            log.info("round %d: started %d more SAM actors (pool of %d wanted)", r, added, self.sam_wanted)
+        # The specialist travels through the object store once; actors fetch it when their version differs
+        # (also after a restart). The driver owns the object, so it outlives a trainer that dies; wrapped in
+        # a list so Ray passes the reference, not the value.
+        weights_ref = ray.put(self._trainer_call("sharing weights", "weights"))
+        spec = (checkpoint_version, self._trainer_call("sharing model args", "model_args"), [weights_ref])
         k = self.cfg.workers.sam.cases_per_task
-        tasks = [todo[i:i + k] for i in range(0, len(todo), k)]
-        free = [w for w in self.pool for _ in range(2)]
-        in_flight: dict = {}
-        pending: list[dict] = []  # rows of finished cases not yet in the manifest
+        queue = [todo[i:i + k] for i in range(0, len(todo), k)]
+        attempts: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        in_flight: dict = {}     # ref -> (member, cases)
+        pending: list[dict] = []
         last_flush = time.monotonic()
-        with tqdm(total=len(todo), desc=f"relabel round {r}", unit="case") as bar:
-            while tasks or in_flight:
-                while free and tasks:
-                    worker, task = free.pop(0), tasks.pop(0)
-                    in_flight[worker.relabel.remote(task, r)] = (worker, task)
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
+        no_worker_since: float | None = None
+        progress = Progress(f"relabel round {r}", len(todo), "cases", log)
+
+        def give_back(cases: list[str], why: str, count: bool = True) -> None:
+            for c in cases:
+                attempts[c] = attempts.get(c, 0) + (1 if count else 0)
+                if attempts[c] >= self.faults.case_attempts:
+                    failed[c] = why
+                    log.error("round %d: giving up on case %s after %d tries: %s", r, c, attempts[c], why)
+                    progress.advance(1)
+                else:
+                    queue.append([c])
+
+        try:
+            while queue or in_flight:
+                self.stop.check()
+                for m in self.pool.ready():
+                    busy = sum(1 for mm, _ in in_flight.values() if mm is m)
+                    while queue and busy < CALLS_PER_ACTOR:
+                        cases = queue.pop(0)
+                        in_flight[m.handle.relabel.remote(cases, r, *spec)] = (m, cases)
+                        busy += 1
+                if not in_flight:
+                    if not self.pool.alive():
+                        raise PlacementError(f"round {r}: every SAM actor is gone ({len(queue)} tasks left); "
+                                             "the cluster cannot place the pool any more")
+                    no_worker_since = no_worker_since or time.monotonic()
+                    if time.monotonic() - no_worker_since > self.faults.placement_timeout_s:
+                        raise PlacementError(
+                            f"round {r}: no SAM actor has been ready for {self.faults.placement_timeout_s:.0f} s "
+                            f"(each asks for {describe(request_of(self.cfg.workers.sam))}; the cluster has "
+                            f"{describe(ray.available_resources())} free)")
+                else:
+                    no_worker_since = None
+                refs = list(in_flight) + self.pool.pings()
+                ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_SECONDS) if refs else ([], [])
+                if not refs:
+                    time.sleep(POLL_SECONDS)
                 for ref in ready:
-                    worker, task = in_flight.pop(ref)
-                    pending.extend(ray.get(ref))
-                    free.append(worker)
-                    bar.update(len(task))
-                # Each append rewrites the manifest file, so batch them: a crash loses at most the cases
-                # of the last MANIFEST_FLUSH_SECONDS, which a resume relabels again.
+                    member = self.pool.owner_of_ping(ref)
+                    if member is not None:
+                        self.pool.resolve_ping(member)
+                        continue
+                    m, cases = in_flight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except RayTaskError as e:
+                        give_back(cases, f"{m.label}: {short_cause(e)}")
+                        continue
+                    except RayActorError as e:
+                        self.pool.lost(m, e)
+                        give_back(cases, f"{m.label} died: {short_cause(e)}")
+                        continue
+                    pending.extend(result["rows"])
+                    for c, why in result["failed"].items():
+                        log.warning("round %d: %s failed on case %s: %s", r, m.label, c, why)
+                        give_back([c], f"{m.label}: {why}")
+                    progress.advance(len(cases) - len(result["failed"]),
+                                     extra=f"{len(self.pool.ready())} SAM actors")
+                    self.on_event("task_done", self, round=r, cases=cases)
                 if pending and (not in_flight or time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS):
                     self.store.append_manifest(pending)
                     pending, last_flush = [], time.monotonic()
-        m = self.store.manifest()
-        m = m[m["round"] == r]
+        finally:  # also when interrupted: what is finished is kept
+            if pending:
+                self.store.append_manifest(pending)
+        if failed:
+            frac = len(failed) / max(1, len(self.split.unlabeled))
+            msg = f"round {r}: gave up on {len(failed)} of {len(self.split.unlabeled)} cases"
+            if frac > self.faults.max_failed_fraction:
+                first = "; ".join(f"{c}: {w}" for c, w in list(failed.items())[:3])
+                raise WorkerError(f"{msg} (more than workers.faults.max_failed_fraction="
+                                  f"{self.faults.max_failed_fraction}); first: {first}")
+            log.warning("%s; training goes on without them", msg)
+        dead = [m for m in self.pool.members if m.state == DEAD]
+        if dead or len(self.pool.ready()) < self.sam_wanted:
+            log.warning("round %d ran with %d of %d wanted SAM actors", r, len(self.pool.ready()), self.sam_wanted)
+        m = self.store.manifest(r)
         prompted = m[m["num_prompts"] > 0]
+        cacheable = self.cfg.generalist.backend == "sam" and self.cfg.generalist.cache_embeddings
         return {
             "cases": int(m["case_id"].nunique()),
             "slices": len(m),
             "prompted_slices": len(prompted),
             "cached_slices": int(prompted["embedding_cached"].sum()),
+            "cacheable": cacheable,
             "score_mean": float(prompted["score_mean"].mean()) if len(prompted) else float("nan"),
             "agreement_dice": float(prompted["agreement_dice"].mean()) if len(prompted) else float("nan"),
+            "failed_cases": failed,
+            "workers_ready": len(self.pool.ready()),
         }
 
     def worker_stats(self) -> list[dict]:
-        return ray.get([w.stats.remote() for w in self.pool])
+        if self.pool is None:
+            return []
+        return ray.get([m.handle.stats.remote() for m in self.pool.members if m.state == READY])
 
 
-def run(cfg: RunConfig) -> list[RoundSummary]:
+def run(cfg: RunConfig, on_event=None) -> list[RoundSummary]:
     """Run (or resume) a whole run; the Ray cluster is started here if none is reachable."""
-    coordinator = Coordinator(cfg)
+    coordinator = Coordinator(cfg, on_event)
     try:
         return coordinator.run()
     finally:

@@ -26,3 +26,26 @@ class CheckpointError(SemisamError):
 
 class StoreError(SemisamError):
     """The pseudo-label store or a run folder is missing or inconsistent."""
+
+
+class RunLockedError(SemisamError):
+    """Another driver holds the run folder."""
+
+
+class PlacementError(SemisamError):
+    """The Ray cluster cannot place the actors a run needs; the message names the missing resources."""
+
+
+class WorkerError(SemisamError):
+    """An actor failed in a way the run cannot recover from; the message names the actor, case and cause."""
+
+
+class Interrupted(SemisamError):
+    """The run was stopped by SIGINT/SIGTERM; completed work is kept and a rerun resumes."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: completed work is kept; "
+                         "rerun the same command to resume")

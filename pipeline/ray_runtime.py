@@ -2,19 +2,22 @@
 
 ``semisam run`` on a laptop starts a local cluster; under ``ray job submit`` (which sets RAY_ADDRESS),
 or with ``workers.address`` set, it connects to the existing cluster instead. ``workers.address: auto``
-connects to the cluster that ``ray start`` last started on this machine. Without any of these a new
-local cluster is started even when a ``ray start`` cluster runs here (plain ``ray.init()`` would attach
-to it and then refuse our ``num_cpus``).
+connects to the cluster that ``ray start`` last started on this machine, and only if this user started
+it. Without any of these a new local cluster is started, bound to 127.0.0.1, even when a ``ray start``
+cluster runs here (plain ``ray.init()`` would attach to it and then refuse our ``num_cpus``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 import ray
 
 from pipeline.config import ActorResources, WorkersConfig
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +27,64 @@ def init_ray(cfg: WorkersConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address == "auto":
+        address = _own_current_cluster()
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("starting a local Ray cluster (dashboard %s)",
+        log.info("starting a local Ray cluster on 127.0.0.1 (dashboard %s)",
                  f"on {cfg.dashboard_host}" if cfg.include_dashboard else "off")
-        ray.init(address="local", num_cpus=cfg.local_num_cpus, num_gpus=cfg.local_num_gpus,
-                 include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host, log_to_driver=True)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=cfg.local_num_cpus, num_gpus=cfg.local_num_gpus,
+                     include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
+                     log_to_driver=True)
     return True
 
 
-def remote_actor(cls: type, resources: ActorResources):
-    """``ray.remote(cls)`` with the configured CPUs/GPUs; call ``.remote(...)`` on the result."""
-    opts = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_concurrency": 1}
+def _own_current_cluster() -> str:
+    """What ``auto`` means here: the cluster ``ray start`` last started on this machine, which Ray records
+    in ``<ray temp dir>/ray_current_cluster``. Refused when that file is missing (Ray's own ``auto`` would
+    then attach to any cluster it finds) or another user wrote it (their cluster, not yours)."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    if not path.is_file():
+        raise ConfigError(f"workers.address=auto: no cluster started with `ray start` on this machine ({path} "
+                          "is missing); start one, or give workers.address=HOST:PORT")
+    if path.stat().st_uid != os.getuid():
+        raise ConfigError(f"workers.address=auto: {path} was written by another user (uid {path.stat().st_uid}), "
+                          "so the cluster it names is theirs; give workers.address=HOST:PORT of your own cluster")
+    address = path.read_text().strip()
+    log.info("workers.address=auto is %s (the cluster `ray start` last started here, from %s)", address, path)
+    return address
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Make a cluster started by ``ray.init`` bind to and advertise 127.0.0.1 instead of the machine's address.
+
+    Ray 2.60 rewrites ``_node_ip_address="127.0.0.1"`` to the machine's address. Its local-only mode (what it
+    uses on macOS and Windows: ``ray_constants.ENABLE_RAY_CLUSTER`` false) makes the GCS, raylet and workers
+    listen on 127.0.0.1. The node address is decided during ``ray.init``, so the switch is restored after.
+    """
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:  # a Ray without this switch: its default address, said in the log
+        log.warning("this Ray has no local-only mode; the local cluster binds to the machine's address")
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def remote_actor(cls: type, resources: ActorResources, **options):
+    """``ray.remote(cls)`` with the configured CPUs/GPUs and custom resources; call ``.remote(...)`` on the result."""
+    opts = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_concurrency": 1, **options}
+    if resources.resources:  # custom resources steer actors to nodes that declare them (e.g. sam_gpu)
+        opts["resources"] = dict(resources.resources)
     return ray.remote(cls).options(**opts)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import StoreError
+from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore, open_manifest
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,16 @@ def inspect_table(store_root: Path) -> str:
     return df.to_string(index=False, float_format=lambda x: f"{x:.4f}")
 
 
-def _run_config(store_root: Path):
-    from pipeline.config import load_config
+def _run_config(store_root):
+    """The run's saved config (absolute paths, so it means the same from any folder), or None."""
+    import yaml
 
-    cfg_path = Path(store_root).parent / "config.yaml"
-    return load_config(cfg_path) if cfg_path.exists() else None
+    from pipeline.config import config_from_dict
+
+    cfg_loc = Location.of(store_root).parent / "config.yaml"
+    if not cfg_loc.exists():
+        return None
+    return config_from_dict(yaml.safe_load(cfg_loc.read_text()), source=str(cfg_loc))
 
 
 def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: int | None = None,
@@ -90,18 +96,32 @@ def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: 
     return _write_overlays(store_root, out_dir, num_slices, round_index, pick, seed)
 
 
+def read_table(loc: Location) -> pd.DataFrame:
+    """A Parquet table of a run folder (eval/, audit/); a damaged file is an error naming it."""
+    import io
+
+    try:
+        return pd.read_parquet(io.BytesIO(loc.read_bytes()))
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many kinds of errors
+        raise StoreError(f"{loc} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "it is damaged: delete it and rerun `semisam run` with the round redone, or restore it") from None
+
+
 def eval_frame(run_dir: Path) -> pd.DataFrame:
     """Per round: mean Dice, Jaccard, HD95, ASD over test cases and classes (``hd95_mm``/``asd_mm``, or
     ``hd95_vox``/``asd_vox`` for data without spacing), how many case-class pairs had no distance
     (``hd95_nan``, ``asd_nan`` of ``pairs``), and Dice per class."""
     from pipeline.evaluation import round_means
 
-    files = sorted((Path(run_dir) / "eval").glob("round_*.parquet"))
+    eval_dir = Location.of(run_dir) / "eval"
+    files = [eval_dir / n for n in eval_dir.list_names() if n.startswith("round_") and n.endswith(".parquet")]
     if not files:
         raise StoreError(f"{run_dir} has no eval/round_*.parquet (has the run finished a round?)")
     rows = []
     for f in files:
-        df = pd.read_parquet(f)
+        df = read_table(f)
         rows.append({"round": int(df["round"].iloc[0]), "cases": df["case_id"].nunique(), **round_means(df)})
     return pd.DataFrame(rows)
 

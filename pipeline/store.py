@@ -1,8 +1,8 @@
-"""The pseudo-label store: Zarr v3 masks plus a Parquet manifest, with its Dask view.
+"""The pseudo-label store: Zarr v3 masks plus a partitioned Parquet manifest, with its Dask view.
 
 Layout (declared here once; ``STORE_FORMAT`` is bumped on any change)::
 
-    <store>/
+    <store>/                               a local path or any fsspec URL (pipeline.storage.Location)
       masks.zarr/                          group attrs: format, class_ids, slice_axis
         round_001/                         group attrs: round, checkpoint_version, generalist
           <case_id>/                       group attrs: case_id, round, checkpoint_version, generalist,
@@ -10,16 +10,20 @@ Layout (declared here once; ``STORE_FORMAT`` is bumped on any change)::
             pseudo_label   uint8  (S, H, W)   the generalist's label map (0 = background), one chunk
             specialist     uint8  (S, H, W)   the specialist's argmax that prompted it
             scores         float32 (S, K)     generalist score per slice and foreground class (NaN: not prompted)
-      manifest.parquet                     one row per (round, case_id, slice); see MANIFEST_COLUMNS
+      manifest/                            a Parquet dataset: one row per (round, case_id, slice)
+        part-r001-<ns>-<id>.parquet        immutable parts, each written whole and atomically (fastparquet)
 
 Arrays are slice-first: ``S`` runs along the config's ``data.slice_axis`` of the (X, Y, Z) volume
 (``np.moveaxis(volume, slice_axis, 0)``). Each case array is one chunk written whole by exactly one
 writer (the SAM actor that relabels that case), so concurrent writers never share a chunk or shard.
 (One chunk per slice cost 100-165 ms per case against ~3 ms for one chunk: benchmarks/perf.py.)
 
-Writers: SAM actors write case arrays; only the coordinator writes the manifest (appending with
-fastparquet to a copy that replaces the file atomically). A case counts as done in a round when the
-manifest has its rows; rewriting a (round, case) replaces both its arrays and its rows (idempotent).
+Exactly once: SAM actors write a case's arrays; only then does the coordinator (the manifest's one
+writer, under the run lock) add the case's rows as a new part. A case is *done* in a round when it has
+manifest rows **and** its arrays are present (``case_status``, one listing); a case with rows but no
+arrays has its rows removed and is redone, a case with arrays but no rows is simply redone (its arrays
+are replaced whole). An append never reads or rewrites earlier parts, so it costs the same at row 10
+million as at row 100; only ``remove_cases`` (repair, rare) rewrites the parts that hold those cases.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
 import tempfile
-from pathlib import Path
+import time
+import uuid
 
 import fastparquet
 import numpy as np
@@ -38,10 +42,12 @@ import zarr
 
 from pipeline.data.case_ids import check_case_id
 from pipeline.errors import StoreError
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+ARRAYS = ("pseudo_label", "specialist", "scores")
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "round": "int32",
@@ -64,24 +70,41 @@ def round_key(round_index: int) -> str:
     return f"round_{round_index:03d}"
 
 
-class PseudoLabelStore:
-    """Open (or create) a store at ``root``. Reading never creates anything."""
+def _part_prefix(round_index: int) -> str:
+    return f"part-r{round_index:03d}-"
 
-    def __init__(self, root: Path, create: bool = False, class_ids: list[int] | None = None, slice_axis: int = 0):
-        self.root = Path(root)
-        self.masks_path = self.root / "masks.zarr"
-        self.manifest_path = self.root / "manifest.parquet"
+
+def _part_round(name: str) -> int | None:
+    if not (name.startswith("part-r") and name.endswith(".parquet")):
+        return None
+    try:
+        return int(name[len("part-r"):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+class PseudoLabelStore:
+    """Open (or create) a store at ``root`` (a path, URL or Location). Reading never creates anything."""
+
+    def __init__(self, root: str | os.PathLike | Location, create: bool = False, class_ids: list[int] | None = None,
+                 slice_axis: int = 0):
+        self.loc = Location.of(root)
+        self.root = self.loc  # kept for callers: a Location works like a Path (``/``, os.fspath when local)
+        self.masks_loc = self.loc / "masks.zarr"
+        self.manifest_loc = self.loc / "manifest"
         if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-            group = zarr.open_group(self.masks_path, mode="a")
+            self.loc.mkdir()
+            group = zarr.open_group(store=self.masks_loc.zarr_store(), mode="a")
             if "format" not in group.attrs:
                 group.attrs.update({"format": STORE_FORMAT, "class_ids": list(class_ids or []), "slice_axis": slice_axis})
-        elif not (self.masks_path / "zarr.json").is_file():
-            raise StoreError(f"{self.root} is not a pseudo-label store (no masks.zarr/zarr.json inside)")
-        self.group = zarr.open_group(self.masks_path, mode="a" if create else "r")
+        elif not (self.masks_loc / "zarr.json").is_file():
+            raise StoreError(f"{self.loc} is not a pseudo-label store (no masks.zarr/zarr.json inside)")
+        self.group = zarr.open_group(store=self.masks_loc.zarr_store(read_only=not create), mode="a" if create else "r")
         fmt = self.group.attrs.get("format")
         if fmt != STORE_FORMAT:
-            raise StoreError(f"store {self.root} has format {fmt}, this semisam reads format {STORE_FORMAT}")
+            hint = (" (format 1 kept the manifest in one manifest.parquet; start a new run folder)"
+                    if fmt == 1 else "")
+            raise StoreError(f"store {self.loc} has format {fmt}, this semisam reads format {STORE_FORMAT}{hint}")
 
     @property
     def class_ids(self) -> list[int]:
@@ -91,29 +114,37 @@ class PseudoLabelStore:
     def slice_axis(self) -> int:
         return int(self.group.attrs["slice_axis"])
 
+    def _writable_root(self) -> zarr.Group:
+        return zarr.open_group(store=self.masks_loc.zarr_store(), mode="a")
+
     # -- masks ---------------------------------------------------------------------------------
     def ensure_round(self, round_index: int, checkpoint_version: int, generalist: str) -> None:
         """Create the round's group before actors write into it (called by the coordinator only)."""
-        g = zarr.open_group(self.masks_path, mode="a").require_group(round_key(round_index))
+        g = self._writable_root().require_group(round_key(round_index))
         g.attrs.update({"round": round_index, "checkpoint_version": checkpoint_version, "generalist": generalist})
 
     def write_case(self, round_index: int, case_id: str, pseudo_label: np.ndarray, specialist: np.ndarray,
                    scores: np.ndarray, attrs: dict) -> None:
-        """Write (or replace) one case's arrays of a round. pseudo_label/specialist uint8 (S, H, W), scores (S, K)."""
+        """Write (or replace) one case's arrays of a round. pseudo_label/specialist uint8 (S, H, W), scores (S, K).
+
+        Every chunk is written, also an all-background one (``write_empty_chunks``), so a case's presence
+        is a listing of its files (``case_status``)."""
         check_case_id(case_id)
         if pseudo_label.shape != specialist.shape or scores.shape[0] != pseudo_label.shape[0]:
             raise ValueError(f"{case_id}: shapes differ: pseudo {pseudo_label.shape}, specialist "
                              f"{specialist.shape}, scores {scores.shape}")
-        root = zarr.open_group(self.masks_path, mode="a")
+        root = self._writable_root()
         if round_key(round_index) not in root:
-            raise StoreError(f"round {round_index} was not created in {self.root} (ensure_round first)")
+            raise StoreError(f"round {round_index} was not created in {self.loc} (ensure_round first)")
         g = root[round_key(round_index)].require_group(case_id)
         s, h, w = pseudo_label.shape
+        full = {"write_empty_chunks": True}
         for name, data in (("pseudo_label", pseudo_label), ("specialist", specialist)):
-            a = g.create_array(name, shape=(s, h, w), chunks=(s, h, w), dtype="uint8", fill_value=0, overwrite=True)
+            a = g.create_array(name, shape=(s, h, w), chunks=(s, h, w), dtype="uint8", fill_value=0,
+                               overwrite=True, config=full)
             a[...] = data.astype(np.uint8)
         a = g.create_array("scores", shape=scores.shape, chunks=scores.shape, dtype="float32",
-                           fill_value=float("nan"), overwrite=True)
+                           fill_value=float("nan"), overwrite=True, config=full)
         a[...] = scores.astype(np.float32)
         g.attrs.update({**attrs, "case_id": case_id, "round": round_index,
                         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
@@ -123,33 +154,57 @@ class PseudoLabelStore:
         key = f"{round_key(round_index)}/{check_case_id(case_id)}"
         try:
             g = self.group[key]
+            out = {name: np.asarray(g[name][...]) for name in ARRAYS}
         except KeyError:
-            raise StoreError(f"store {self.root} has no masks for case {case_id} in round {round_index}") from None
-        return {
-            "pseudo_label": np.asarray(g["pseudo_label"][...]),
-            "specialist": np.asarray(g["specialist"][...]),
-            "scores": np.asarray(g["scores"][...]),
-            "attrs": dict(g.attrs),
-        }
+            raise StoreError(f"store {self.loc} has no masks for case {case_id} in round {round_index} "
+                             f"(missing or deleted; `semisam run` on the run folder redoes it)") from None
+        except (OSError, ValueError) as e:
+            raise StoreError(f"store {self.loc}: the arrays of case {case_id} in round {round_index} cannot be "
+                             f"read ({e}); delete {self.masks_loc / key} and rerun to redo the case") from None
+        return {**out, "attrs": dict(g.attrs)}
 
     def rounds(self) -> list[int]:
         return sorted(int(k.split("_")[1]) for k in self.group.group_keys() if k.startswith("round_"))
 
+    def case_status(self, round_index: int) -> dict[str, bool]:
+        """{case_id: all its arrays present} for every case folder of the round: one listing, no reads."""
+        files = set((self.masks_loc / round_key(round_index)).find())
+        cases = {f.split("/", 1)[0] for f in files if "/" in f}
+        chunk = {"pseudo_label": "c/0/0/0", "specialist": "c/0/0/0", "scores": "c/0/0"}
+        return {c: all(f"{c}/{a}/zarr.json" in files and f"{c}/{a}/{chunk[a]}" in files for a in ARRAYS)
+                and f"{c}/zarr.json" in files for c in cases}
+
     # -- manifest ------------------------------------------------------------------------------
-    def manifest(self) -> pd.DataFrame:
-        """The whole manifest as pandas (empty with the right columns when none was written)."""
-        if not self.manifest_path.exists():
+    def parts(self, round_index: int | None = None) -> list[Location]:
+        """The manifest's part files (of one round, or all), oldest first."""
+        names = [n for n in self.manifest_loc.list_names() if _part_round(n) is not None]
+        if round_index is not None:
+            names = [n for n in names if n.startswith(_part_prefix(round_index))]
+        return [self.manifest_loc / n for n in sorted(names, key=lambda n: n.split("-", 2)[2])]
+
+    def manifest(self, round_index: int | None = None) -> pd.DataFrame:
+        """The manifest (of one round, or all) as pandas (empty with the right columns when none).
+
+        Should a crash have left two parts with rows of the same (round, case), the newer part wins."""
+        frames = [_read_part(p) for p in self.parts(round_index)]
+        if not frames:
             return _typed(pd.DataFrame(columns=list(MANIFEST_COLUMNS)))
-        return fastparquet.ParquetFile(str(self.manifest_path)).to_pandas()
+        for i, f in enumerate(frames):
+            f["_part"] = i
+        m = pd.concat(frames, ignore_index=True)
+        newest = m.groupby(["round", "case_id"])["_part"].transform("max")
+        m = m[m["_part"] == newest].drop(columns="_part")
+        return _typed(m)
 
     def completed_cases(self, round_index: int) -> set[str]:
-        m = self.manifest()
-        return set(m.loc[m["round"] == round_index, "case_id"])
+        """Cases with manifest rows in the round (see ``case_status`` for whether their arrays exist)."""
+        return set(self.manifest(round_index)["case_id"])
 
-    def append_manifest(self, rows: pd.DataFrame | list[dict]) -> None:
-        """Add rows (coordinator only). Rows of a (round, case_id) already present are replaced.
+    def append_manifest(self, rows: pd.DataFrame | list[dict], replace: bool = False) -> None:
+        """Add rows as one new part (coordinator only). Earlier parts are neither read nor rewritten.
 
-        The new file is written beside the old one and renamed over it, so a crash leaves the old manifest.
+        ``replace``: first remove the rows any earlier part holds for the (round, case_id)s in ``rows``
+        (reads the parts of those rounds). Without it the caller guarantees the cases are new.
         """
         if isinstance(rows, list):  # a dict missing a key would otherwise become a silent NaN in the frame
             for i, row in enumerate(rows):
@@ -160,26 +215,55 @@ class PseudoLabelStore:
         new = _typed(pd.DataFrame(rows))
         if new.empty:
             return
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".parquet")
+        if replace:
+            for r, g in new.groupby("round"):
+                self.remove_cases(int(r), set(g["case_id"]))
+        for r, g in new.groupby("round"):
+            self._write_part(int(r), g)
+
+    def remove_cases(self, round_index: int, case_ids: set[str]) -> int:
+        """Remove the manifest rows of ``case_ids`` in a round (repair before a redo); returns rows removed.
+
+        A part holding other cases too is deleted *before* the survivors are written again: a crash in
+        between loses their rows, never duplicates them, and a case without rows is redone on resume."""
+        removed = 0
+        for part in self.parts(round_index):
+            df = _read_part(part)
+            hit = df["case_id"].isin(case_ids)
+            if not hit.any():
+                continue
+            part.remove()
+            if (~hit).any():
+                self._write_part(round_index, df.loc[~hit])
+            removed += int(hit.sum())
+        return removed
+
+    def _write_part(self, round_index: int, df: pd.DataFrame) -> Location:
+        name = f"{_part_prefix(round_index)}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        fd, tmp = tempfile.mkstemp(suffix=".parquet")
         os.close(fd)
-        os.unlink(tmp)
         try:
-            if self.manifest_path.exists():
-                old = self.manifest()
-                keys = set(zip(new["round"], new["case_id"], strict=True))
-                stale = [k in keys for k in zip(old["round"], old["case_id"], strict=True)]
-                if any(stale):
-                    kept = old.loc[~np.asarray(stale)]
-                    fastparquet.write(tmp, _typed(pd.concat([kept, new], ignore_index=True)), stats=False)
-                else:
-                    shutil.copyfile(self.manifest_path, tmp)
-                    fastparquet.write(tmp, new, append=True, stats=False)
-            else:
-                fastparquet.write(tmp, new, stats=False)
-            os.replace(tmp, self.manifest_path)
+            fastparquet.write(tmp, _typed(df), stats=False)
+            with open(tmp, "rb") as f:
+                data = f.read()
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.unlink(tmp)
+        part = self.manifest_loc / name
+        part.write_bytes(data)
+        return part
+
+
+def _read_part(part: Location) -> pd.DataFrame:
+    path = part.local_copy(".parquet")
+    try:
+        return fastparquet.ParquetFile(path).to_pandas()
+    except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many kinds of errors
+        raise StoreError(f"manifest part {part} cannot be read ({type(e).__name__}: {e}); it is damaged: "
+                         f"delete it and rerun `semisam run` on the run folder (its cases are relabeled), "
+                         f"or run `semisam verify` to list every problem") from None
+    finally:
+        if path != part.path:
+            os.unlink(path)
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -192,7 +276,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- Dask view ------------------------------------------------------------------------------------
-def open_masks(store_root: Path, round_index: int, array: str = "pseudo_label") -> dict:
+def open_masks(store_root: str | os.PathLike | Location, round_index: int, array: str = "pseudo_label") -> dict:
     """{case_id: dask array (S, H, W)} of one round (``array``: pseudo_label, specialist or scores)."""
     import dask.array as da
 
@@ -200,15 +284,15 @@ def open_masks(store_root: Path, round_index: int, array: str = "pseudo_label") 
     try:
         g = store.group[round_key(round_index)]
     except KeyError:
-        raise StoreError(f"store {store_root} has no round {round_index}; it has {store.rounds()}") from None
+        raise StoreError(f"store {store.loc} has no round {round_index}; it has {store.rounds()}") from None
     return {case_id: da.from_zarr(g[case_id][array]) for case_id in sorted(g.group_keys())}
 
 
-def open_manifest(store_root: Path):
-    """The manifest as a Dask dataframe (read with pyarrow; the file is written by fastparquet)."""
+def open_manifest(store_root: str | os.PathLike | Location):
+    """The manifest (a folder of Parquet parts) as a Dask dataframe, read with pyarrow."""
     import dask.dataframe as dd
 
-    path = Path(store_root) / "manifest.parquet"
-    if not path.exists():
-        raise StoreError(f"store {store_root} has no manifest.parquet yet")
-    return dd.read_parquet(str(path))
+    loc = Location.of(store_root) / "manifest"
+    if not PseudoLabelStore(store_root).parts():
+        raise StoreError(f"store {Location.of(store_root)} has no manifest parts yet")
+    return dd.read_parquet(loc.url, storage_options=loc.pandas_options() or None)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.checkpoint import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint, save_checkpoint
 from pipeline.errors import CheckpointError
+from pipeline.storage import _umask
 from pipeline.training.loop import SpecialistTrainer, TrainVolume
 from tests.conftest import small_config
 
@@ -44,8 +49,11 @@ def test_round_trip(trained, tmp_path):
     cfg, trainer = trained
     path = checkpoint_path(tmp_path / "run", 3)
     assert path.name == "ckpt_0003.pt"
-    save_checkpoint(path, 3, trainer.state_dict(), trainer.model_args, cfg)
-    assert [p.name for p in path.parent.iterdir()] == ["ckpt_0003.pt"]  # no temp file left behind
+    digest = save_checkpoint(path, 3, trainer.state_dict(), trainer.model_args, cfg)
+    assert path.parent.list_names() == ["ckpt_0003.pt", "ckpt_0003.pt.sha256"]  # no temp file left behind
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
+    assert Path(str(path) + ".sha256").read_text() == f"{digest}  ckpt_0003.pt\n"
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by a colleague
 
     ckpt = load_checkpoint(path, expect_model_args=trainer.model_args)
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["version"] == 3
@@ -94,14 +102,34 @@ def test_foreign_and_truncated_files(trained, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(CheckpointError, match="not a semisam checkpoint"):
-        load_checkpoint(foreign)
+        load_checkpoint(foreign, require_checksum=False)
     good = tmp_path / "good.pt"
     save_checkpoint(good, 1, trainer.state_dict(), trainer.model_args, cfg)
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cannot be read") as e:
-        load_checkpoint(cut)
+        load_checkpoint(cut, require_checksum=False)
     assert str(cut) in str(e.value)
+    with pytest.raises(CheckpointError, match="no recorded SHA-256"):
+        load_checkpoint(cut)  # a file nobody published is not used by default
+
+
+def test_flipped_bytes_are_refused_and_named(trained, tmp_path):
+    """Issue 7: 4096 bytes flipped inside a checkpoint loaded without error and changed 1025 weights."""
+    cfg, trainer = trained
+    path = checkpoint_path(tmp_path / "run", 2)
+    digest = save_checkpoint(path, 2, trainer.state_dict(), trainer.model_args, cfg)
+    data = bytearray(Path(path).read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt") as e:
+        load_checkpoint(path)
+    assert "ckpt_0002.pt" in str(e.value) and "not used" in str(e.value)
+    # the digest from state.json is checked as well, even without the .sha256 file
+    os.unlink(str(path) + ".sha256")
+    with pytest.raises(CheckpointError, match="state.json"):
+        load_checkpoint(path, expect_sha256=digest)
 
 
 def test_atomic_write_failure_keeps_previous(tmp_path):

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "conf" / "demo.yaml"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _demo_tree() -> dict:
     return yaml.safe_load(DEMO.read_text())
 
@@ -40,10 +43,10 @@ def test_demo_config_validates():
     assert cfg.train.method == "mean_teacher" and cfg.train.iterations == 150
     assert cfg.train.lr == pytest.approx(0.003)
     assert cfg.train.consistency.rampup_iterations == 150 and cfg.train.pseudo_label.weight == 0.5
-    assert cfg.data.num_labeled == 2 and cfg.data.split_file == Path("data/demo/splits.json")
+    assert cfg.data.num_labeled == 2 and cfg.data.split_file == ROOT / "data/demo/splits.json"
     assert cfg.generalist.sam.variant == "tiny"
     assert cfg.workers.sam.num_workers == 2 and cfg.workers.sam.num_cpus == 0.5
-    assert cfg.run_dir == Path("runs") / "demo"
+    assert cfg.run_dir == ROOT / "runs" / "demo"  # relative paths in conf/demo.yaml mean conf/..
 
 
 def test_load_missing_file_is_config_error(tmp_path: Path):
@@ -283,3 +286,22 @@ def test_every_default_instance_section_forbids_extra(tmp_path: Path):
         node["zzz"] = 1
         with pytest.raises(ConfigError, match=rf"{section}\.zzz: unknown key"):
             config_from_dict(tree)
+
+
+def test_relative_paths_resolve_against_the_config_file_and_overrides_against_cwd(tmp_path, monkeypatch):
+    """Issue 8: under `ray job submit --working-dir` relative paths used to resolve inside Ray's package."""
+    conf = tmp_path / "project" / "conf"
+    conf.mkdir(parents=True)
+    (conf / "c.yaml").write_text(yaml.safe_dump({
+        "output_dir": "../runs", "data": {"root": "../data/x", "split_file": "../data/x/splits.json", "num_labeled": 1},
+        "generalist": {"sam": {"checkpoint": "s3://bucket/sam.pth"}}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(conf / "c.yaml")
+    assert cfg.data.root == tmp_path / "project" / "data" / "x"
+    assert cfg.output_dir == str(tmp_path / "project" / "runs")
+    assert str(cfg.generalist.sam.checkpoint).startswith("s3:/")  # URLs are left alone
+    cfg = load_config(conf / "c.yaml", ["data.root=mine", "output_dir=s3://bucket/runs"])
+    assert cfg.data.root == elsewhere / "mine"
+    assert cfg.output_dir == "s3://bucket/runs" and str(cfg.run_dir) == "s3://bucket/runs/run"

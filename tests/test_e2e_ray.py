@@ -6,7 +6,9 @@ the masks. Then the same run folder is resumed with one more round, and the CLI 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,15 +106,19 @@ def test_evaluation_results_exist(finished_run):
         assert sorted(df["class_id"].unique()) == [1, 2]
         assert df["dice"].between(0, 1).all()
         assert summaries[r].test["dice"] == pytest.approx(df["dice"].mean())
-    ckpts = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
-    assert ckpts == ["ckpt_0000.pt", "ckpt_0001.pt", "ckpt_0002.pt"]
+    ckpts = (cfg.run_dir / "checkpoints").list_names()
+    assert ckpts == [f"ckpt_000{i}.pt{ext}" for i in range(3) for ext in ("", ".sha256")]
     state = json.loads((cfg.run_dir / "state.json").read_text())
     assert state["completed"] == [0, 1, 2]
+    # each checkpoint's SHA-256 is recorded when published, in state.json and beside the file
+    for i in range(3):
+        data = (cfg.run_dir / "checkpoints" / f"ckpt_000{i}.pt").read_bytes()
+        assert state["checkpoints"][str(i)] == hashlib.sha256(data).hexdigest()
 
 
 def test_resume_runs_only_the_missing_round(finished_run):
     cfg, _, _, _ = finished_run
-    ckpt_dir = cfg.run_dir / "checkpoints"
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     before = {p.name: p.stat().st_mtime_ns for p in ckpt_dir.iterdir()}
     manifest_before = PseudoLabelStore(cfg.run_dir / "pseudo_labels").manifest()
     cfg4 = config_from_dict({**cfg.model_dump(mode="json"), "rounds": 4})
@@ -162,12 +168,12 @@ def test_without_the_pseudo_label_term_rounds_only_train(ray_cluster, synthetic_
                                              train={"pseudo_label": {"enabled": False}}))
     coordinator = Coordinator(cfg)
     try:
-        assert coordinator.pool == []
+        assert coordinator.pool is None
         summaries = coordinator.run()
     finally:
         coordinator.shutdown()
     assert [s.relabel for s in summaries] == [{}, {}]
     assert [s.train["step"] for s in summaries] == [6, 12]
     assert "pseudo" not in summaries[1].train
-    assert not PseudoLabelStore(cfg.run_dir / "pseudo_labels").manifest_path.exists()
+    assert PseudoLabelStore(cfg.run_dir / "pseudo_labels").parts() == []
     assert (cfg.run_dir / "eval" / "round_001.parquet").is_file()

@@ -85,7 +85,7 @@ def test_rewrite_replaces_arrays_and_rows(store):
     p2, s2, sc2 = _arrays(9)
     assert not np.array_equal(p1, p2)
     store.write_case(1, "case_a", p2, s2, sc2, {})
-    store.append_manifest(_rows(1, "case_a", 3, score=0.7))
+    store.append_manifest(_rows(1, "case_a", 3, score=0.7), replace=True)
     got = store.read_case(1, "case_a")
     np.testing.assert_array_equal(got["pseudo_label"], p2)
     np.testing.assert_array_equal(got["specialist"], s2)
@@ -112,9 +112,12 @@ def test_rewrite_with_different_shape_replaces_arrays(store):
 
 def test_append_new_case_keeps_old_rows_and_dtypes(store):
     store.append_manifest(_rows(1, "case_a", 4))
-    store.append_manifest(_rows(1, "case_b", 2))  # no stale keys: the fastparquet append path
-    pf = fastparquet.ParquetFile(str(store.manifest_path))
-    assert len(pf.row_groups) == 2  # appended, not rewritten
+    first = store.parts()
+    before = first[0].read_bytes()
+    store.append_manifest(_rows(1, "case_b", 2))  # a new part; the first is neither read nor rewritten
+    parts = store.parts()
+    assert len(parts) == 2 and parts[0] == first[0] and parts[0].read_bytes() == before
+    pf = fastparquet.ParquetFile(str(parts[1]))
     m = store.manifest()
     assert len(m) == 6
     assert dict(pf.dtypes) == {c: np.dtype(t) for c, t in MANIFEST_COLUMNS.items()}  # the file's schema
@@ -132,34 +135,38 @@ def test_append_new_case_keeps_old_rows_and_dtypes(store):
 
 def test_bad_manifest_row_leaves_file_intact(store):
     store.append_manifest(_rows(1, "case_a", 3))
-    before = store.manifest_path.read_bytes()
+
+    def snapshot():
+        return {p.name: p.read_bytes() for p in store.parts()}
+
+    before = snapshot()
     bad = _rows(1, "case_b", 2)
     del bad[1]["agreement_dice"]
     with pytest.raises(StoreError, match="agreement_dice"):
         store.append_manifest(bad)
-    assert store.manifest_path.read_bytes() == before
+    assert snapshot() == before
     extra = _rows(1, "case_b", 1)
     extra[0]["surprise"] = 1
     with pytest.raises(StoreError, match="surprise"):
         store.append_manifest(extra)
-    assert store.manifest_path.read_bytes() == before
+    assert snapshot() == before
     no_slice = _rows(1, "case_a", 2)  # would replace case_a's rows if it got through
     del no_slice[0]["slice"]
     with pytest.raises(StoreError, match="slice"):
         store.append_manifest(no_slice)
-    assert store.manifest_path.read_bytes() == before
+    assert snapshot() == before
     frame = pd.DataFrame(_rows(1, "case_b", 2)).drop(columns=["generalist"])
     with pytest.raises(StoreError, match="generalist"):
         store.append_manifest(frame)
-    assert store.manifest_path.read_bytes() == before
+    assert snapshot() == before
     assert len(store.manifest()) == 3
-    assert [p.name for p in store.root.iterdir() if p.name.startswith(".manifest.")] == []
+    assert [n for n in store.manifest_loc.list_names() if n.startswith(".")] == []
 
 
 def test_empty_manifest_has_columns(store):
     m = store.manifest()
     assert m.empty and list(m.columns) == list(MANIFEST_COLUMNS)
-    with pytest.raises(StoreError, match="no manifest.parquet"):
+    with pytest.raises(StoreError, match="no manifest parts"):
         open_manifest(store.root)
 
 
@@ -223,3 +230,37 @@ def test_missing_case_names_case_and_round(store):
     assert "case_zz" in str(e.value) and "round 1" in str(e.value)
     with pytest.raises(StoreError, match="round 4"):
         store.read_case(4, "case_a")
+
+
+def test_case_status_sees_a_deleted_array_and_an_all_background_case(store):
+    pseudo, spec, scores = _arrays(0)
+    store.write_case(1, "case_a", pseudo, spec, scores, {})
+    store.write_case(1, "empty", np.zeros_like(pseudo), np.zeros_like(spec), scores, {})  # all fill value
+    store.write_case(1, "case_b", pseudo, spec, scores, {})
+    import shutil
+
+    shutil.rmtree(store.root.path + "/masks.zarr/round_001/case_b/pseudo_label")
+    assert store.case_status(1) == {"case_a": True, "empty": True, "case_b": False}
+    with pytest.raises(StoreError, match="case_b"):
+        store.read_case(1, "case_b")
+
+
+def test_remove_cases_rewrites_only_their_parts(store):
+    store.append_manifest(_rows(1, "case_a", 2) + _rows(1, "case_b", 3))
+    store.append_manifest(_rows(1, "case_c", 4))
+    untouched = store.parts()[1]
+    assert store.remove_cases(1, {"case_a"}) == 2
+    m = store.manifest()
+    assert sorted(m["case_id"].unique()) == ["case_b", "case_c"] and len(m) == 7
+    assert untouched in store.parts()
+    assert store.completed_cases(1) == {"case_b", "case_c"}
+
+
+def test_damaged_part_is_named(store):
+    store.append_manifest(_rows(1, "case_a", 2))
+    part = store.parts()[0]
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError) as e:
+        store.manifest()
+    assert part.name in str(e.value) and "damaged" in str(e.value)

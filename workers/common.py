@@ -34,6 +34,21 @@ def accelerator_ids() -> list[str]:
     return []
 
 
+def node_info() -> dict:
+    """Where this actor runs: host, Ray node id, pid and the GPU ids Ray gave it."""
+    import socket
+
+    node_id = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not inside Ray
+        pass
+    return {"host": socket.gethostname(), "node_id": node_id, "pid": os.getpid(), "gpu_ids": accelerator_ids()}
+
+
 def process_info() -> dict:
     """pid, peak resident memory (MiB), CUDA_VISIBLE_DEVICES and the GPU ids Ray assigned."""
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

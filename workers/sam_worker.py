@@ -17,8 +17,9 @@ from pipeline.generalist.cache import EmbeddingCache
 from pipeline.generalist.factory import make_generalist
 from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
+from pipeline.run_lock import check_sees_run_folder
 from pipeline.store import PseudoLabelStore
-from workers.common import process_info, return_free_heap, start_worker
+from workers.common import node_info, process_info, return_free_heap, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,33 @@ class SamWorker:
         self.info = read_dataset_info(self.cfg.data.root, self.cfg.data.format)
         self.class_ids = self.info.foreground_classes
         self.generalist = make_generalist(self.cfg.generalist, self.device)
-        g = self.cfg.generalist
-        self.cache = None
-        if g.cache_embeddings and getattr(self.generalist, "cacheable", False):
-            self.cache = EmbeddingCache(self.cfg.run_dir / "embeddings.zarr", self.generalist.name, g.cache_dtype)
-        self.store = PseudoLabelStore(self.cfg.run_dir / "pseudo_labels")
+        # The run folder is opened on first use, after ready() has checked this node sees it: opening it
+        # here would create an empty local folder on a node without the shared storage.
+        self._cache: EmbeddingCache | None = None
+        self._store: PseudoLabelStore | None = None
         self.model = None
         self.version = -1
         self.seconds = 0.0
         log.info("SAM worker %d on %s with %s", worker_index, self.device, self.generalist.name)
+
+    @property
+    def cache(self) -> EmbeddingCache | None:
+        g = self.cfg.generalist
+        if self._cache is None and g.cache_embeddings and getattr(self.generalist, "cacheable", False):
+            self._cache = EmbeddingCache(self.cfg.run_dir / "embeddings.zarr", self.generalist.name, g.cache_dtype)
+        return self._cache
+
+    @property
+    def store(self) -> PseudoLabelStore:
+        if self._store is None:
+            self._store = PseudoLabelStore(self.cfg.run_dir / "pseudo_labels")
+        return self._store
+
+    def ready(self, run_token: str) -> dict:
+        """Answered once the actor is up: proves it sees the driver's run folder; says where it runs."""
+        info = node_info()
+        check_sees_run_folder(self.cfg.run_dir, run_token, f"SAM worker {self.index} on {info['host']}")
+        return {"worker": self.index, **info}
 
     def load_specialist(self, version: int, model_args: dict, weights: dict) -> int:
         """Take checkpoint ``version``'s student weights (state dict from the object store)."""
@@ -49,33 +68,49 @@ class SamWorker:
             self.version = version
         return self.version
 
-    def relabel(self, case_ids: list[str], round_index: int) -> list[dict]:
-        """Relabel cases with the loaded checkpoint, write their masks, return their manifest rows."""
-        if self.model is None:
-            raise RuntimeError("load_specialist must be called before relabel")
+    def relabel(self, case_ids: list[str], round_index: int, version: int, model_args: dict,
+                weights_box: list) -> dict:
+        """Relabel cases with checkpoint ``version``, write their masks, return their manifest rows.
+
+        ``weights_box`` is ``[ObjectRef of the state dict]``, fetched only when this actor does not hold
+        that version yet (first call, or after Ray restarted it). A case that raises is reported in
+        ``failed`` ({case_id: cause}) and the others go on: {"rows": [...], "failed": {...}}.
+        """
+        if version != self.version:
+            import ray
+
+            self.load_specialist(version, model_args, ray.get(weights_box[0]))
         start = time.perf_counter()
         rows: list[dict] = []
+        failed: dict[str, str] = {}
         for case_id in case_ids:
-            image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
-            with torch.inference_mode():
-                out = relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
-                                   self.class_ids, round_index, self.version, self.device)
-            self.store.write_case(round_index, case_id, out.pseudo_label, out.specialist, out.scores, {
-                "checkpoint_version": self.version,
-                "generalist": self.generalist.name,
-                "slice_axis": self.cfg.data.slice_axis,
-                "volume_shape": list(image.shape),
-            })
-            rows.extend(out.rows)
+            try:
+                rows.extend(self._relabel_case(case_id, round_index))
+            except Exception as e:  # noqa: BLE001 - one bad case must not take the others with it
+                log.exception("SAM worker %d: case %s failed", self.index, case_id)
+                failed[case_id] = f"{type(e).__name__}: {e}"[:500]
         return_free_heap()
         self.seconds += time.perf_counter() - start
-        return rows
+        return {"rows": rows, "failed": failed}
+
+    def _relabel_case(self, case_id: str, round_index: int) -> list[dict]:
+        image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
+        with torch.inference_mode():
+            out = relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
+                               self.class_ids, round_index, self.version, self.device)
+        self.store.write_case(round_index, case_id, out.pseudo_label, out.specialist, out.scores, {
+            "checkpoint_version": self.version,
+            "generalist": self.generalist.name,
+            "slice_axis": self.cfg.data.slice_axis,
+            "volume_shape": list(image.shape),
+        })
+        return out.rows
 
     def stats(self) -> dict:
         """Counters for tests and benchmarks: cache hits/misses, encoder/decoder calls, time, memory."""
         out = {"worker": self.index, "seconds": self.seconds, **process_info()}
-        if self.cache is not None:
-            out.update(self.cache.stats())
+        if self._cache is not None:
+            out.update(self._cache.stats())
         out["encoder_calls"] = getattr(self.generalist, "encoder_calls", 0)
         out["decoder_calls"] = getattr(self.generalist, "decoder_calls", 0)
         return out

@@ -6,8 +6,8 @@ weights are returned through the Ray object store for the SAM pool (``weights``)
 
 from __future__ import annotations
 
+import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,10 +16,11 @@ from pipeline.checkpoint import checkpoint_path, load_checkpoint, save_checkpoin
 from pipeline.data.dataset import load_image, load_label, read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.evaluation import EvalVolume, evaluate_model
+from pipeline.run_lock import check_sees_run_folder
 from pipeline.store import PseudoLabelStore
 from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
 from pipeline.training.pseudo_labels import load_pseudo_labels
-from workers.common import process_info, start_worker
+from workers.common import node_info, process_info, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,26 @@ class TrainerWorker:
                  len(self.labeled), len(self.unlabeled), len(self.test))
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def restore(self, version: int) -> int:
-        """Load checkpoint ``version`` of this run (resume)."""
-        ckpt = load_checkpoint(checkpoint_path(self.cfg.run_dir, version), expect_model_args=self.trainer.model_args)
+    def ready(self, run_token: str) -> dict:
+        """Answered once the actor is up (data loaded): proves it sees the driver's run folder."""
+        info = node_info()
+        check_sees_run_folder(self.cfg.run_dir, run_token, f"the trainer on {info['host']}")
+        return info
+
+    def restore(self, version: int, sha256: str | None = None) -> int:
+        """Load checkpoint ``version`` of this run (resume, or after a restart); its SHA-256 is verified."""
+        ckpt = load_checkpoint(checkpoint_path(self.cfg.run_dir, version), expect_model_args=self.trainer.model_args,
+                               expect_sha256=sha256)
         self.trainer.load_state_dict(ckpt["trainer"])
         self.version = version
         return version
 
     def publish(self, version: int) -> str:
-        """Write checkpoint ``version`` atomically; returns its path."""
-        path = checkpoint_path(self.cfg.run_dir, version)
-        save_checkpoint(path, version, self.trainer.state_dict(), self.trainer.model_args, self.cfg)
+        """Write checkpoint ``version`` (atomic, with its ``.sha256``); returns the SHA-256."""
+        digest = save_checkpoint(checkpoint_path(self.cfg.run_dir, version), version, self.trainer.state_dict(),
+                                 self.trainer.model_args, self.cfg)
         self.version = version
-        return str(path)
+        return digest
 
     def weights(self) -> dict:
         """The student's state dict (CPU tensors), for the SAM pool through the object store."""
@@ -67,15 +75,16 @@ class TrainerWorker:
         return dict(self.trainer.model_args)
 
     # -- work ------------------------------------------------------------------------------------
-    def load_pseudo_labels(self, round_index: int) -> dict[str, PseudoLabel]:
-        """The generalist masks of ``round_index`` for the unlabeled cases, gated by generalist score."""
-        return load_pseudo_labels(PseudoLabelStore(self.cfg.run_dir / "pseudo_labels"), round_index,
-                                  [v.case_id for v in self.unlabeled], self.cfg.data.slice_axis,
-                                  self.cfg.train.pseudo_label.min_sam_score,
+    def load_pseudo_labels(self, round_index: int, case_ids: list[str] | None = None) -> dict[str, PseudoLabel]:
+        """The generalist masks of ``round_index`` (for ``case_ids``, default every unlabeled case),
+        gated by generalist score. Cases the round gave up on have no masks and are left out."""
+        ids = [v.case_id for v in self.unlabeled] if case_ids is None else list(case_ids)
+        return load_pseudo_labels(PseudoLabelStore(self.cfg.run_dir / "pseudo_labels"), round_index, ids,
+                                  self.cfg.data.slice_axis, self.cfg.train.pseudo_label.min_sam_score,
                                   self.cfg.train.pseudo_label.consensus_only)
 
-    def train_round(self, round_index: int, pseudo_round: int | None) -> dict:
-        pseudo = self.load_pseudo_labels(pseudo_round) if pseudo_round is not None else None
+    def train_round(self, round_index: int, pseudo_round: int | None, pseudo_cases: list[str] | None = None) -> dict:
+        pseudo = self.load_pseudo_labels(pseudo_round, pseudo_cases) if pseudo_round is not None else None
         stats = self.trainer.train(self.labeled, self.unlabeled, pseudo, self.cfg.train.iterations)
         if pseudo:
             kept = np.concatenate([p.slice_weight for p in pseudo.values()])
@@ -90,9 +99,9 @@ class TrainerWorker:
         """Evaluate the student on the test split; also written to ``eval/round_NNN.parquet``."""
         df = evaluate_model(self.trainer.student, self.test, self.cfg, self.class_ids, self.device)
         df.insert(0, "round", round_index)
-        out = Path(self.cfg.run_dir) / "eval" / f"round_{round_index:03d}.parquet"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_parquet(out, index=False)
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        (self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet").write_bytes(buf.getvalue())
         return df
 
     def process_info(self) -> dict:

@@ -13,23 +13,25 @@ one writer; every slice is its own chunk, so filling in further slices later nev
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import zarr
+
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
 
 class EmbeddingCache:
-    def __init__(self, root: Path, generalist_name: str, dtype: str = "float16"):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike | Location, generalist_name: str, dtype: str = "float16"):
+        self.root = Location.of(root)
         self.group_path = f"{generalist_name}"
         self.dtype = np.dtype(dtype)
         self.hits = 0
         self.misses = 0
-        self._group = zarr.open_group(self.root, mode="a").require_group(self.group_path)
+        self._group = zarr.open_group(store=self.root.zarr_store(), mode="a").require_group(self.group_path)
 
     def stats(self) -> dict[str, int]:
         return {"cache_hits": self.hits, "cache_misses": self.misses}

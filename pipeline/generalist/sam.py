@@ -26,6 +26,7 @@ from pipeline.config import SamConfig
 from pipeline.errors import CheckpointError
 from pipeline.generalist.base import DecodeResult, SlicePrompt
 from pipeline.generalist.windowing import window_to_uint8
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -93,34 +94,68 @@ def _guess_variant(state: dict) -> str | None:
     return None
 
 
-def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
-    """Build the configured variant and load its checkpoint (required) onto ``device``."""
+def read_sam_state(cfg: SamConfig) -> dict:
+    """The checkpoint's state dict (weights only; a local path or a URL, see pipeline.storage)."""
     if cfg.checkpoint is None:
         raise CheckpointError(
             f"generalist.sam.checkpoint is not set (variant {cfg.variant}); weights cannot be downloaded here: "
             "point it at a SAM/MedSAM .pth file, or run `semisam demo-data` for a tiny random-weight one"
         )
-    path = Path(cfg.checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"SAM checkpoint {path} does not exist (generalist.sam.checkpoint)")
+    loc = Location.of(cfg.checkpoint)
+    if not loc.is_file():
+        raise CheckpointError(f"SAM checkpoint {loc} does not exist (generalist.sam.checkpoint)")
+    local = loc.local_copy(".pth")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"SAM checkpoint {path} cannot be read as a weights-only state dict: {e}") from None
+        raise CheckpointError(f"SAM checkpoint {loc} cannot be read as a weights-only state dict: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        if local != loc.path:
+            Path(local).unlink(missing_ok=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # some fine-tuned checkpoints (e.g. MedSAM training) wrap the state dict
     if not isinstance(state, dict):
-        raise CheckpointError(f"SAM checkpoint {path} does not hold a state dict")
+        raise CheckpointError(f"SAM checkpoint {loc} does not hold a state dict")
+    return state
+
+
+def _mismatch(cfg: SamConfig, state: dict, error: str) -> CheckpointError:
+    guess = _guess_variant(state)
+    hint = f"; it looks like a {guess} checkpoint" if guess and guess != cfg.variant else ""
+    return CheckpointError(f"SAM checkpoint {cfg.checkpoint} does not match variant {cfg.variant}{hint} ({error})")
+
+
+def check_sam_checkpoint(cfg: SamConfig) -> None:
+    """Preflight on the driver, before any training: the checkpoint opens weights-only and every tensor
+    has the shape the configured variant expects (the model is built on the meta device: no memory)."""
+    state = read_sam_state(cfg)
+    with torch.device("meta"):
+        want = build_sam_model(cfg.variant, cfg.image_size, cfg.pixel_mean, cfg.pixel_std).state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [k for k in want if k in state and tuple(getattr(state[k], "shape", ())) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} tensors of another shape, e.g. {k} {tuple(state[k].shape)} vs "
+                         f"{tuple(want[k].shape)}")
+        raise _mismatch(cfg, state, "; ".join(parts))
+
+
+def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
+    """Build the configured variant and load its checkpoint (required) onto ``device``."""
+    state = read_sam_state(cfg)
     sam = build_sam_model(cfg.variant, cfg.image_size, cfg.pixel_mean, cfg.pixel_std)
     try:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        guess = _guess_variant(state)
-        hint = f"; it looks like a {guess} checkpoint" if guess and guess != cfg.variant else ""
-        first = str(e).splitlines()[0]
-        raise CheckpointError(
-            f"SAM checkpoint {path} does not match variant {cfg.variant}{hint} ({first})"
-        ) from None
+        raise _mismatch(cfg, state, str(e).splitlines()[0]) from None
     return sam.to(device)
 
 

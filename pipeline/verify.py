@@ -1,0 +1,154 @@
+"""``semisam verify RUN_DIR``: check a run folder and list every problem (nothing is changed).
+
+Checks: the saved config and state.json read; every completed round's checkpoint exists and its bytes
+match the SHA-256 recorded in state.json and in its ``.sha256``; every manifest part reads; no
+(round, case) has rows in two parts; every case with manifest rows has its arrays; every unlabeled
+case of a completed relabel round is there (when the dataset is reachable); eval/audit tables read;
+who holds the lock. A local path or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+import yaml
+
+from pipeline.checkpoint import checkpoint_path, checksum_path, recorded_sha256
+from pipeline.errors import SemisamError
+from pipeline.run_lock import read_lock
+from pipeline.storage import Location, sha256_hex
+
+
+@dataclass
+class VerifyReport:
+    run_dir: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        lines = [f"{self.run_dir}: " + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
+    loc = Location.of(run_dir)
+    rep = VerifyReport(loc.url)
+    if not (loc / "config.yaml").exists():
+        rep.problems.append(f"{loc / 'config.yaml'} is missing: not a semisam run folder")
+        return rep
+    cfg = None
+    try:
+        from pipeline.config import config_from_dict
+
+        cfg = config_from_dict(yaml.safe_load((loc / "config.yaml").read_text()), source=str(loc / "config.yaml"))
+    except (SemisamError, yaml.YAMLError) as e:
+        rep.problems.append(f"config.yaml: {e}")
+    state = _state(loc, rep)
+    completed = sorted(state.get("completed", []))
+    rep.notes.append(f"completed rounds: {completed or 'none'}")
+    _check_checkpoints(loc, completed, state.get("checkpoints", {}), rep)
+    _check_store(loc, cfg, completed, rep)
+    for sub in ("eval", "audit"):
+        for name in (loc / sub).list_names():
+            if name.endswith(".parquet"):
+                try:
+                    pd.read_parquet(io.BytesIO((loc / sub / name).read_bytes()))
+                except Exception as e:  # noqa: BLE001
+                    rep.problems.append(f"{loc / sub / name} cannot be read ({type(e).__name__}): damaged")
+    lock = read_lock(loc)
+    if lock:
+        rep.notes.append(f"locked by host {lock.get('host')} pid {lock.get('pid')} (a running driver, or a "
+                         "dead one whose lock the next run takes over)")
+    return rep
+
+
+def _state(loc: Location, rep: VerifyReport) -> dict:
+    s = loc / "state.json"
+    if not s.exists():
+        rep.notes.append("no state.json: no round has completed")
+        return {}
+    try:
+        return json.loads(s.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        rep.problems.append(f"{s} is damaged ({e})")
+        return {}
+
+
+def _check_checkpoints(loc: Location, completed: list[int], recorded: dict, rep: VerifyReport) -> None:
+    for r in completed:
+        ckpt = checkpoint_path(loc, r)
+        if not ckpt.is_file():
+            rep.problems.append(f"{ckpt} is missing (round {r} is completed); a rerun redoes rounds {r}..")
+            continue
+        digest = sha256_hex(ckpt.read_bytes())
+        side = recorded_sha256(ckpt)
+        want = recorded.get(str(r))
+        if want is not None and want != digest:
+            rep.problems.append(f"{ckpt} is corrupt: SHA-256 differs from state.json")
+        elif side is not None and side != digest:
+            rep.problems.append(f"{ckpt} is corrupt: SHA-256 differs from {checksum_path(ckpt).name}")
+        elif want is None and side is None:
+            rep.problems.append(f"{ckpt} has no recorded SHA-256: it cannot be verified")
+
+
+def _check_store(loc: Location, cfg, completed: list[int], rep: VerifyReport) -> None:
+    from pipeline.store import PseudoLabelStore, _read_part
+
+    store_loc = loc / "pseudo_labels"
+    if not (store_loc / "masks.zarr" / "zarr.json").exists():
+        rep.notes.append("no pseudo-label store")
+        return
+    try:
+        store = PseudoLabelStore(store_loc)
+    except SemisamError as e:
+        rep.problems.append(str(e))
+        return
+    frames = []
+    for part in store.parts():
+        try:
+            df = _read_part(part)
+        except SemisamError as e:
+            rep.problems.append(str(e))
+            continue
+        df["_part"] = part.name
+        frames.append(df)
+    m = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round", "case_id", "slice", "_part"])
+    twice = m.groupby(["round", "case_id"])["_part"].nunique()
+    for (r, c), n in twice[twice > 1].items():
+        rep.problems.append(f"round {r} case {c} has rows in {n} manifest parts (counted twice)")
+    expected = None
+    if cfg is not None:
+        try:
+            from pipeline.data.dataset import read_dataset_info
+            from pipeline.data.splits import resolve_split
+
+            expected = set(resolve_split(cfg.data, read_dataset_info(cfg.data.root, cfg.data.format)).unlabeled)
+        except SemisamError as e:
+            rep.notes.append(f"dataset not checked ({str(e).splitlines()[0]})")
+    for r in store.rounds():
+        status = store.case_status(r)
+        in_manifest = set(m.loc[m["round"] == r, "case_id"])
+        for c in sorted(in_manifest):
+            if not status.get(c, False):
+                rep.problems.append(f"round {r} case {c} is in the manifest but its arrays are missing; "
+                                    "a rerun of `semisam run` redoes it")
+        extra = sorted(set(status) - in_manifest)
+        if extra:
+            rep.notes.append(f"round {r}: {len(extra)} cases have arrays but no manifest rows (unfinished; a "
+                             "rerun redoes them)")
+        if expected is not None and r in completed:
+            lost = sorted(expected - in_manifest)
+            if lost:
+                rep.problems.append(f"round {r} is completed but {len(lost)} unlabeled cases have no pseudo-labels "
+                                    f"(given up or lost): {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}")
+        rep.notes.append(f"round {r}: {len(in_manifest)} cases in the manifest")
