@@ -4,9 +4,12 @@ A head node is started with `ray start --head --block` in a subprocess (its own 
 is a separate `semisam run` process with RAY_ADDRESS pointing at it, as the job supervisor does. The
 test checks that the run connected to that cluster, did not start one of its own, and finished.
 
-Ray 2.60 turns on token authentication for `ray start` clusters; the test head opts out
-(RAY_AUTH_MODE=disabled) so the driver needs no token. On a real cluster, give the driver the token
-(`ray get-auth-token`, RAY_AUTH_TOKEN) as Ray's docs describe; nothing in semisam changes.
+Ray 2.60 turns on token authentication for `ray start` clusters; this head opts out
+(RAY_AUTH_MODE=disabled) so the driver needs no token. tests/test_ray_job_submit.py runs a head with token
+auth on, as the README does (clients need RAY_AUTH_MODE=token and the token).
+
+Also here: a cluster semisam starts itself binds to 127.0.0.1, `workers.address=auto` is resolved only from
+this user's `ray start`, and custom resources in config (`workers.sam.resources`) place the SAM actors.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
+from pipeline.config import SamPoolConfig, WorkersConfig
+from pipeline.errors import ConfigError
+from pipeline.ray_runtime import _own_current_cluster, init_ray, remote_actor
 from tests.conftest import small_config_dict
+from tests.test_ray_job_submit import stop_head
 
 pytestmark = pytest.mark.ray
 
@@ -62,11 +70,7 @@ def head():
         os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail("ray head did not come up in 60 s")
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)  # --block: the head stops the processes it started
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_head(proc)
     # `ray start` records itself as this machine's current cluster; do not leave a dead one behind
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     if current.is_file() and current.read_text().strip().endswith(f":{port}"):
@@ -85,3 +89,54 @@ def test_run_under_ray_address_uses_the_existing_cluster(head, synthetic_root, t
     assert "starting a local Ray cluster" not in out.stderr
     state = json.loads((tmp_path / "runs" / "test" / "state.json").read_text())
     assert state["completed"] == [0, 1]
+
+
+def test_local_cluster_binds_to_loopback():
+    assert init_ray(WorkersConfig(local_num_cpus=1))
+    try:
+        @ray.remote(num_cpus=0)
+        def node_ip() -> str:
+            return ray.util.get_node_ip_address()
+
+        assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+        assert ray.get(node_ip.remote(), timeout=60) == "127.0.0.1"
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    finally:
+        ray.shutdown()
+
+
+def test_custom_resources_place_the_sam_actor():
+    class Probe:
+        def assigned(self) -> dict[str, float]:
+            return ray.get_runtime_context().get_assigned_resources()
+
+    ray.init(address="local", num_cpus=2, resources={"sam_gpu": 2}, include_dashboard=False)
+    try:
+        sam = remote_actor(Probe, SamPoolConfig(num_cpus=0.5, resources={"sam_gpu": 1})).remote()
+        assert ray.get(sam.assigned.remote(), timeout=60) == {"CPU": 0.5, "sam_gpu": 1.0}
+        assert ray.available_resources().get("sam_gpu") == 1.0
+        # a resource no node declares: the actor is never placed
+        elsewhere = remote_actor(Probe, SamPoolConfig(num_cpus=0.5, resources={"a100": 1})).remote()
+        with pytest.raises(ray.exceptions.GetTimeoutError):
+            ray.get(elsewhere.assigned.remote(), timeout=3)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def current_cluster_file(tmp_path, monkeypatch):
+    path = tmp_path / "ray_current_cluster"
+    monkeypatch.setattr("ray._common.utils.get_ray_address_file", lambda temp_dir: str(path))
+    return path
+
+
+def test_auto_is_the_cluster_this_user_started(current_cluster_file):
+    with pytest.raises(ConfigError, match="no cluster started with `ray start`"):
+        _own_current_cluster()
+    current_cluster_file.write_text("10.1.2.3:6380\n")
+    assert _own_current_cluster() == "10.1.2.3:6380"
+    if os.getuid() != 0:
+        return  # only root can hand the file to another user
+    os.chown(current_cluster_file, os.getuid() + 4242, -1)
+    with pytest.raises(ConfigError, match="written by another user"):
+        _own_current_cluster()
