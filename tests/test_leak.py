@@ -58,8 +58,9 @@ def _relabel(data_root: Path, run_root: Path, sam_ckpt: Path, weights: dict, mod
     store.ensure_round(1, 0, "sam-tiny")
     worker = SamWorker(cfg_dict)
     worker.load_specialist(0, model_args, weights)
-    rows = worker.relabel(cases, round_index=1)
-    return cfg, cfg_dict, store, rows
+    out = worker.relabel(cases, round_index=1, version=0, model_args=model_args, weights_box=[None])
+    assert not out["failed"], out["failed"]
+    return cfg, cfg_dict, store, out["rows"]
 
 
 def test_relabel_and_training_never_open_unlabeled_labels(synthetic_root, tiny_sam_checkpoint, tmp_path):
