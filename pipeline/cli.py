@@ -81,9 +81,9 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.generalist.sam import save_tiny_sam
 
     out = Path(args.out)
-    write_synthetic_msd(out, num_cases=args.cases, seed=args.seed)
+    write_synthetic_msd(out, num_cases=args.cases, seed=args.seed, style=args.style)
     save_tiny_sam(out / "tiny_sam.pt", seed=args.seed)
-    _out(f"wrote {args.cases} synthetic cases and tiny_sam.pt to {out}")
+    _out(f"wrote {args.cases} synthetic cases ({args.style} style) and tiny_sam.pt to {out}")
     return 0
 
 
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", nargs="?", default="data/demo")
     d.add_argument("--cases", type=int, default=12)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--style", choices=["edges", "hippocampus"], default="edges",
+                   help="edges: parts with clear intensity edges, which the weight-free generalist can follow "
+                   "(the demo); hippocampus: low-contrast parts, as the test fixtures")
     d.set_defaults(func=cmd_demo_data)
 
     v = sub.add_parser("validate", help="check a dataset folder")

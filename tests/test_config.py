@@ -39,7 +39,7 @@ def test_demo_config_validates():
     cfg = load_config(DEMO)
     assert isinstance(cfg, RunConfig)
     assert cfg.name == "demo" and cfg.rounds == 3
-    assert cfg.model.kind == "unet2d" and cfg.model.patch_size == [48, 48] and cfg.model.base_channels == 8
+    assert cfg.model.kind == "unet2d" and cfg.model.patch_size == [32, 32] and cfg.model.base_channels == 8
     assert cfg.train.method == "mean_teacher" and cfg.train.iterations == 150
     assert cfg.train.lr == pytest.approx(0.003)
     assert cfg.train.consistency.rampup_iterations == 150 and cfg.train.pseudo_label.weight == 0.5

@@ -98,7 +98,8 @@ STYLES = ("hippocampus", "edges")
 @dataclass(frozen=True)
 class _Contrast:
     """Intensities of one style before the per-case scale: background level and its smooth variation,
-    the range of each part's mean, the bias-field strength and the noise (all in units of the clean image)."""
+    the range of each part's mean, the bias-field strength and the noise (all in units of the clean image),
+    and the partial-volume blur of the outlines (Gaussian sigma in voxels)."""
 
     background: float
     background_variation: float
@@ -106,13 +107,15 @@ class _Contrast:
     part2: tuple[float, float]
     bias: float
     noise: float
+    blur: float
 
 
 _CONTRASTS = {
-    "hippocampus": _Contrast(0.3, 0.08, (0.75, 0.85), (0.55, 0.65), 0.25, 0.04),
-    # Part 1 bright, part 2 mid-grey, background dark: every outline, including the one between the
-    # parts, is a step of >= 0.35 against noise 0.03.
-    "edges": _Contrast(0.1, 0.03, (0.9, 1.0), (0.45, 0.55), 0.1, 0.03),
+    "hippocampus": _Contrast(0.3, 0.08, (0.75, 0.85), (0.55, 0.65), 0.25, 0.04, 0.6),
+    # Part 1 brighter and part 2 darker than the background: every outline, including the one between the
+    # parts, is a step of >= 0.35 against noise 0.03, and the sign of the step tells the parts apart even
+    # on a slice that shows one of them (the U-Net's instance norm removes absolute intensity).
+    "edges": _Contrast(0.5, 0.03, (0.9, 1.0), (0.05, 0.15), 0.1, 0.03, 0.4),
 }
 
 
@@ -123,8 +126,8 @@ def _image(label: np.ndarray, rng: np.random.Generator, style: str = "hippocampu
     sigma = max(shape) / 6.0
     background = look.background + look.background_variation * _smooth_field(shape, rng, sigma)
     means = np.array([0.0, rng.uniform(*look.part1), rng.uniform(*look.part2)])
-    tissue = gaussian_filter(means[label], sigma=0.6)  # partial-volume edges
-    weight = gaussian_filter((label > 0).astype(np.float64), sigma=0.6)
+    tissue = gaussian_filter(means[label], sigma=look.blur)  # partial-volume edges
+    weight = gaussian_filter((label > 0).astype(np.float64), sigma=look.blur)
     clean = background * (1.0 - weight) + tissue
     bias = np.exp(look.bias * _smooth_field(shape, rng, max(shape) / 3.0))
     noisy = clean * bias + rng.normal(scale=look.noise, size=shape)
