@@ -170,6 +170,11 @@ def preflight(cfg: RunConfig):
     return info, split
 
 
+def _cpu_gpu(resources: dict) -> dict:
+    """Resources worth naming to a user (no per-node markers, no memory byte counts)."""
+    return {k: v for k, v in resources.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+
+
 def frame_to_parquet(df: pd.DataFrame, loc: Location) -> None:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
@@ -189,6 +194,8 @@ class Coordinator:
         self.lock = RunLock(cfg.run_dir, self.faults.lock_stale_s).acquire()
         self._started_ray = False
         self.trainer = None
+        self.trainer_info: dict = {}
+        self.trainer_restarts = 0
         self.pool: SamPool | None = None
         try:
             self.state = prepare_run_dir(cfg)
@@ -210,7 +217,7 @@ class Coordinator:
         w = self.cfg.workers
         plan = plan_pool(w.trainer, w.sam, self.relabels)
         if not plan.trainer_fits:
-            raise PlacementError(f"the cluster cannot place the trainer: {plan.message}")
+            raise PlacementError(f"the cluster cannot place the run: {plan.message}")
         if plan.message:
             log.warning("placement: %s", plan.message)
         if self.relabels and plan.sam_placeable < w.sam.min_workers:
@@ -234,14 +241,16 @@ class Coordinator:
         while True:
             try:
                 info = self._get(self.trainer.ready.remote(self.lock.token), deadline=deadline)
+                self.trainer_info = info
                 log.info("trainer ready on %s (pid %s, GPUs %s)", info.get("host"), info.get("pid"),
                          info.get("gpu_ids") or "none")
                 return
             except GetTimeoutError:
                 raise PlacementError(
-                    f"the trainer ({describe(request_of(self.cfg.workers.trainer))}) was not placed within "
-                    f"{self.faults.placement_timeout_s:.0f} s (workers.faults.placement_timeout_s); the cluster has "
-                    f"{describe(ray.available_resources())} free. Free or add resources") from None
+                    f"the trainer ({describe(request_of(self.cfg.workers.trainer))}) did not answer within "
+                    f"{self.faults.placement_timeout_s:.0f} s (workers.faults.placement_timeout_s): either the "
+                    f"cluster cannot place it (free now: {describe(_cpu_gpu(ray.available_resources()))}; free or "
+                    "add resources) or loading its data takes longer (raise the timeout)") from None
             except RayActorError as e:
                 if isinstance(e, ActorDiedError) and ("creation task" in str(e) or "__init__" in str(e)):
                     raise WorkerError(f"the trainer could not start: {short_cause(e)}") from None
@@ -281,6 +290,7 @@ class Coordinator:
 
     def _revive_trainer(self) -> None:
         """After the trainer died: wait for it (Ray restarts it) or start a new one, then restore."""
+        self.trainer_restarts += 1
         try:
             self._await_trainer()
         except (WorkerError, PlacementError) as e:
@@ -439,8 +449,8 @@ class Coordinator:
                     if time.monotonic() - no_worker_since > self.faults.placement_timeout_s:
                         raise PlacementError(
                             f"round {r}: no SAM actor has been ready for {self.faults.placement_timeout_s:.0f} s "
-                            f"(each asks for {describe(request_of(self.cfg.workers.sam))}; the cluster has "
-                            f"{describe(ray.available_resources())} free)")
+                            f"(each asks for {describe(request_of(self.cfg.workers.sam))}; free now: "
+                            f"{describe(_cpu_gpu(ray.available_resources()))})")
                 else:
                     no_worker_since = None
                 refs = list(in_flight) + self.pool.pings()
