@@ -1,0 +1,119 @@
+"""Run folders on object storage: a local S3-compatible server (moto, server mode, 127.0.0.1 only).
+
+A whole 2-round run writes its run folder to ``s3://``; ``semisam inspect``, ``eval``, ``verify`` and
+the Dask readers read it back from the same URL. A missing bucket or missing credentials is a clear
+error before any work. The endpoint and keys come from the standard AWS environment, as on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from pipeline.cli import main as cli_main
+from pipeline.config import config_from_dict
+from pipeline.coordinator import Coordinator
+from pipeline.errors import StoreError
+from pipeline.storage import Location
+from pipeline.store import PseudoLabelStore, open_manifest, open_masks
+from tests.conftest import small_config_dict
+
+pytestmark = pytest.mark.ray
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "semisam-runs"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 and the AWS environment pointing at it (set before Ray starts, so
+    the actors inherit it like nodes configured with credentials)."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield f"s3://{BUCKET}"
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, synthetic_root):
+    cfg = config_from_dict(small_config_dict(synthetic_root, f"{s3}/runs", rounds=2))
+    c = Coordinator(cfg)
+    try:
+        summaries = c.run()
+    finally:
+        c.shutdown()
+    return cfg, summaries
+
+
+def test_a_whole_run_writes_its_folder_to_s3(s3_run):
+    cfg, summaries = s3_run
+    assert str(cfg.run_dir) == f"s3://{BUCKET}/runs/test"
+    assert [s.round for s in summaries] == [0, 1]
+    files = set(cfg.run_dir.find())
+    assert {"config.yaml", "state.json", "checkpoints/ckpt_0000.pt", "checkpoints/ckpt_0001.pt.sha256",
+            "eval/round_001.parquet"} <= files
+    assert "driver.lock" not in files  # released
+    assert any(f.startswith("pseudo_labels/manifest/part-r001-") for f in files)
+    assert any(f.startswith("pseudo_labels/masks.zarr/round_001/") for f in files)
+    assert not os.path.exists("s3:")  # issue 8: the URL used to become a local folder ./s3:/bucket/...
+
+
+def test_dask_readers_take_the_url(s3_run):
+    cfg, summaries = s3_run
+    store_url = f"{cfg.run_dir}/pseudo_labels"
+    masks = open_masks(store_url, 1)
+    assert len(masks) == summaries[1].relabel["cases"]
+    store = PseudoLabelStore(store_url)
+    for case_id, arr in masks.items():
+        np.testing.assert_array_equal(arr.compute(), store.read_case(1, case_id)["pseudo_label"])
+    df = open_manifest(store_url).compute()
+    assert len(df) == summaries[1].relabel["slices"]
+    assert sorted(df["case_id"].unique()) == sorted(masks)
+
+
+def test_cli_reads_the_run_from_the_url(s3_run, capsys):
+    cfg, summaries = s3_run
+    assert cli_main(["inspect", f"{cfg.run_dir}/pseudo_labels"]) == 0
+    assert cli_main(["eval", str(cfg.run_dir)]) == 0
+    assert cli_main(["verify", str(cfg.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "dice" in out and f"s3://{BUCKET}/runs/test: OK" in out
+
+
+def test_resume_from_s3_adds_a_round(s3_run):
+    cfg, _ = s3_run
+    more = config_from_dict({**cfg.model_dump(mode="json"), "rounds": 3})
+    c = Coordinator(more)
+    try:
+        summaries = c.run()
+    finally:
+        c.shutdown()
+    assert [s.round for s in summaries] == [0, 1, 2]
+    assert PseudoLabelStore(f"{cfg.run_dir}/pseudo_labels").rounds() == [1, 2]
+
+
+def test_missing_bucket_and_credentials_fail_before_any_work(s3, synthetic_root, monkeypatch):
+    cfg = config_from_dict(small_config_dict(synthetic_root, "s3://no-such-bucket/runs"))
+    with pytest.raises(StoreError, match="cannot write to the run folder s3://no-such-bucket/runs/test") as e:
+        Coordinator(cfg)
+    assert "bucket" in str(e.value)
+    with pytest.raises(StoreError, match="cannot open|not known|fsspec"):
+        Location.of("nosuchproto://x/y")
