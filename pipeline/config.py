@@ -181,6 +181,8 @@ class TrainConfig(_Strict):
     foreground_crop_probability: float = Field(default=0.5, ge=0.0, le=1.0)
     """Chance that a training crop is centred on foreground of a labeled case (small organs need it)."""
     log_every: int = Field(default=50, ge=1)
+    progress_seconds: float = Field(default=15.0, gt=0)
+    """A progress line (iterations/s, ETA) at most this often during a training round."""
 
 
 class PromptConfig(_Strict):

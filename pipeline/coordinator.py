@@ -514,7 +514,7 @@ class Coordinator:
     def worker_stats(self) -> list[dict]:
         if self.pool is None:
             return []
-        return ray.get([m.handle.stats.remote() for m in self.pool.members if m.state == READY])
+        return ray.get([m.handle.stats.remote() for m in self.pool.alive()])
 
 
 def run(cfg: RunConfig, on_event=None) -> list[RoundSummary]:

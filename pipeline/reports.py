@@ -33,7 +33,8 @@ def inspect_frame(store_root: Path) -> pd.DataFrame:
     """Per round: cases, slices, prompted slices, pseudo-label foreground fraction, generalist score
     distribution over prompted slices, foreground Dice agreement with the specialist, and embeddings
     cached / prompted slices (``-`` for a generalist without embeddings: the random walker)."""
-    PseudoLabelStore(store_root)  # a clear error if this is not a store
+    if not PseudoLabelStore(store_root).parts():  # a clear error if this is not a store
+        return pd.DataFrame()
     ddf = open_manifest(store_root)
     m = ddf[["round", "case_id", "num_prompts", "score_mean", "pseudo_fg_fraction", "specialist_fg_fraction",
              "agreement_dice", "embedding_cached", "generalist"]].compute()

@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.models.unet import UNet, build_model, model_args
+from pipeline.progress import Progress
 from pipeline.training.losses import PSEUDO_LABEL_LOSSES, ce_dice_loss
 from pipeline.training.ramps import rampdown_weight, ramped_weight
 from pipeline.training.sampling import sample_crop
@@ -183,6 +184,8 @@ class SpecialistTrainer:
         counts: dict[str, int] = {}
         pseudo_loss = PSEUDO_LABEL_LOSSES[pl_cfg.loss]
         params = [p for p in self.student.parameters() if p.requires_grad]
+        # a plain line every progress_seconds: iterations/s and ETA (a slow round must not look like a hang)
+        progress = Progress(f"training (step {self.step})", iterations, "it", log, every_s=t.progress_seconds)
         for i in range(iterations):
             measure = (self.step + 1) % t.log_every == 0 or i == iterations - 1
             terms: dict[str, torch.Tensor] = {}
@@ -230,6 +233,7 @@ class SpecialistTrainer:
                 counts[k] = counts.get(k, 0) + 1
             if self.step % t.log_every == 0:
                 log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+            progress.advance(1, extra=f"loss {logs['loss']:.4f}")
         # a key missing from some iterations (e.g. 'pseudo' when a batch was gated out) is averaged over
         # the iterations that had it
         return {k: v / counts[k] for k, v in totals.items()}
