@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import machine_info, setup_logging
-from pipeline.store import MANIFEST_COLUMNS, PseudoLabelStore, _typed
+from pipeline.store import PseudoLabelStore, _typed
 
 log = logging.getLogger("benchmarks.manifest_append")
 RESULT = Path(__file__).resolve().parent / "results" / "manifest_append.json"

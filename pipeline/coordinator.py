@@ -49,7 +49,7 @@ from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.generalist.factory import generalist_name
 from pipeline.interrupt import POLL_SECONDS, StopFlag
 from pipeline.placement import describe, plan_pool, request_of
-from pipeline.pool import DEAD, READY, SamPool, short_cause, task_error_cause
+from pipeline.pool import DEAD, SamPool, short_cause, task_error_cause
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.run_lock import RunLock
