@@ -181,6 +181,11 @@ class TrainConfig(_Strict):
     foreground_crop_probability: float = Field(default=0.5, ge=0.0, le=1.0)
     """Chance that a training crop is centred on foreground of a labeled case (small organs need it)."""
     log_every: int = Field(default=50, ge=1)
+    init_from: str | None = None
+    """Warm start: a run folder (or its ``checkpoints/ckpt_0000.pt``) whose round 0 this run takes instead of
+    training its own. Allowed when data, split, model, seed and training settings match (the pseudo-label
+    term, generalist and prompts may differ): comparisons of the term then share one round 0. The source
+    checkpoint's SHA-256 is verified and recorded in state.json (``init_from``)."""
     progress_seconds: float = Field(default=15.0, gt=0)
     """A progress line (iterations/s, ETA) at most this often during a training round."""
 

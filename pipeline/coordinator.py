@@ -53,7 +53,7 @@ from pipeline.pool import DEAD, SamPool, short_cause, task_error_cause
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.run_lock import RunLock
-from pipeline.storage import Location, check_writable
+from pipeline.storage import Location, check_writable, sha256_hex
 from pipeline.store import PseudoLabelStore
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
@@ -332,8 +332,50 @@ class Coordinator:
                 return keep
         return completed
 
+    def _warm_start(self) -> None:
+        """Take round 0 from ``train.init_from`` (see the config docstring): its checkpoint (verified),
+        eval table and round-0 summary become this run's, recorded in state.json."""
+        src = Location.of(self.cfg.train.init_from, self.cfg.storage_options)
+        src_run = src.parent.parent if src.name.endswith(".pt") else src
+        ckpt = src if src.name.endswith(".pt") else checkpoint_path(src, 0)
+        where = f"train.init_from={src}"
+        if not (src_run / "config.yaml").exists():
+            raise ConfigError(f"{where}: {src_run} is not a run folder (no config.yaml)")
+        theirs = yaml.safe_load((src_run / "config.yaml").read_text())
+        mine = self.cfg.model_dump(mode="json")
+        free = {"pseudo_label", "init_from", "progress_seconds", "log_every"}
+        diffs = [k for k in ("data", "model", "seed") if theirs.get(k) != mine.get(k)]
+        diffs += [f"train.{k}" for k in set(mine["train"]) | set(theirs.get("train", {}))
+                  if k not in free and mine["train"].get(k) != theirs.get("train", {}).get(k)]
+        if diffs:
+            raise ConfigError(f"{where}: its round 0 was trained with other settings (differs in: "
+                              f"{', '.join(sorted(diffs))}); a warm start needs the same data, split, model, seed "
+                              "and training settings")
+        from pipeline.checkpoint import checksum_path, load_checkpoint
+
+        load_checkpoint(ckpt)  # verifies its recorded SHA-256 and that it is a readable semisam checkpoint
+        data = ckpt.read_bytes()
+        digest = sha256_hex(data)
+        ours = checkpoint_path(self.cfg.run_dir, 0)
+        ours.write_bytes(data)
+        checksum_path(ours).write_text(f"{digest}  {ours.name}\n")
+        src_eval = src_run / "eval" / "round_000.parquet"
+        if src_eval.exists():
+            (self.cfg.run_dir / "eval" / "round_000.parquet").write_bytes(src_eval.read_bytes())
+        src_state = read_state(src_run)
+        summary = next((dict(s) for s in src_state["summaries"] if s["round"] == 0), asdict(RoundSummary(0, 0.0)))
+        summary["train"] = {**summary.get("train", {}), "warm_start_from": ckpt.url}
+        self.state["init_from"] = {"checkpoint": ckpt.url, "sha256": digest}
+        self.state["checkpoints"]["0"] = digest
+        self.state["completed"].append(0)
+        self.state["summaries"].append(summary)
+        self._save_state()
+        log.info("round 0 taken from %s (SHA-256 %s...)", ckpt, digest[:16])
+
     def run(self) -> list[RoundSummary]:
         with self.stop:
+            if self.cfg.train.init_from and 0 not in self.state["completed"]:
+                self._warm_start()
             completed = self._verified_completed()
             if completed:
                 last = completed[-1]

@@ -26,7 +26,7 @@ import yaml
 from pipeline.config import config_from_dict
 from pipeline.coordinator import Coordinator
 from pipeline.data.synthetic import write_synthetic_msd
-from pipeline.errors import CheckpointError, PlacementError, RunLockedError, StoreError
+from pipeline.errors import CheckpointError, ConfigError, PlacementError, RunLockedError, StoreError
 from pipeline.run_lock import RunLock
 from pipeline.store import PseudoLabelStore
 from pipeline.verify import verify_run
@@ -292,3 +292,22 @@ def test_auto_pool_size_is_what_fits(ray_cluster, data12, tmp_path):
         assert c.sam_wanted == 6  # (2 CPUs - 0.5 for the trainer) / 0.25
     finally:
         c.shutdown()
+
+
+def test_warm_start_takes_the_sources_round_0(finished, data12, tmp_path):
+    """Issue 10: two runs that differ only in the pseudo-label term shared nothing and both trained round 0."""
+    src_state = json.loads((finished.run_dir / "state.json").read_text())
+    cfg = _cfg(data12, tmp_path, name="warm", train={"init_from": str(finished.run_dir),
+                                                     "pseudo_label": {"weight": 0.2}})
+    c, summaries = _run(cfg)
+    assert [s.round for s in summaries] == [0, 1]
+    assert summaries[0].test == src_state["summaries"][0]["test"]            # the source's round-0 metrics
+    assert (cfg.run_dir / "checkpoints" / "ckpt_0000.pt").read_bytes() == \
+        (finished.run_dir / "checkpoints" / "ckpt_0000.pt").read_bytes()
+    state = json.loads((cfg.run_dir / "state.json").read_text())
+    assert state["init_from"]["sha256"] == src_state["checkpoints"]["0"]
+    assert summaries[1].train["step"] == 2 * cfg.train.iterations          # round 1 went on from its step
+    assert verify_run(cfg.run_dir).ok
+    other = _cfg(data12, tmp_path, name="warm2", train={"init_from": str(finished.run_dir), "lr": 0.5})
+    with pytest.raises(ConfigError, match="differs in: train.lr"):
+        _run(other)
