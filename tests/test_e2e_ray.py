@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import ray
+import yaml
 
 from pipeline.cli import main as cli_main
 from pipeline.config import config_from_dict
@@ -146,8 +148,16 @@ def test_resume_refuses_a_different_config(finished_run):
         Coordinator(other)
 
 
-def test_cli_inspect_and_eval_read_the_run(finished_run, capsys, tmp_path):
+def test_cli_inspect_and_eval_read_the_run(finished_run, capsys, tmp_path, monkeypatch):
     cfg, _, _, split = finished_run
+    monkeypatch.chdir(tmp_path)  # from any folder: the saved config holds absolute paths
+    saved = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
+    assert Path(saved["data"]["root"]).is_absolute() and Path(saved["output_dir"]).is_absolute()
+    # a shared run folder stays readable by a colleague (was 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.yaml", "state.json", "checkpoints/ckpt_0000.pt", "eval/round_000.parquet"):
+        assert os.stat(Path(cfg.run_dir) / name).st_mode & 0o777 == 0o666 & ~umask, name
     assert cli_main(["inspect", str(cfg.run_dir / "pseudo_labels"), "--png", str(tmp_path / "png"), "--num-slices", "2"]) == 0
     out = capsys.readouterr().out
     lines = [ln.split() for ln in out.splitlines()]
