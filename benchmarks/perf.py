@@ -205,8 +205,8 @@ class MeteredSamWorker(SamWorker):
         self.cases_done = 0
         self.rss_samples: list[tuple[int, float]] = [(0, vmrss_mib())]
 
-    def relabel(self, case_ids: list[str], round_index: int) -> list[dict]:
-        rows = super().relabel(case_ids, round_index)
+    def relabel(self, case_ids: list[str], round_index: int, *specialist) -> dict:
+        rows = super().relabel(case_ids, round_index, *specialist)
         self.cases_done += len(case_ids)
         self.rss_samples.append((self.cases_done, vmrss_mib()))
         return rows
@@ -308,7 +308,7 @@ class Bench:
         else:
             coord = Coordinator(cfg)
         try:
-            ray.get([coord.trainer.process_info.remote(), *[w.stats.remote() for w in coord.pool]])
+            ray.get([coord.trainer.process_info.remote(), *[m.handle.stats.remote() for m in coord.pool.alive()]])
             if specialist:
                 ray.get(coord.trainer.restore.remote(0))
             yield coord
@@ -618,7 +618,7 @@ def fig_pipeline_overhead(b: Bench) -> dict:
             seconds, outs = plain_loop(info, split.unlabeled, local_worker.model, local_worker.generalist, cfg, r)
             plain.append(round(seconds, 3))
             local_store.ensure_round(r, 0, local_worker.generalist.name)
-            local.append(round(timed(local_worker.relabel, split.unlabeled, r)[0], 3))
+            local.append(round(timed(local_worker.relabel, split.unlabeled, r, 0, model_args, [None])[0], 3))
             log.info("round %d: pool %.2f s, plain loop %.2f s, in-process SamWorker %.2f s",
                      r, pool[-1]["seconds"], plain[-1], local[-1])
     pool_s, plain_s, local_s = min(r["seconds"] for r in pool), min(plain), min(local)
@@ -701,7 +701,7 @@ def fig_memory(b: Bench) -> dict:
         trainer_samples["after_train_1"] = ray.get(t.memory.remote())
         ray.get(t.evaluate.remote(1))
         trainer_samples["after_eval"] = ray.get(t.memory.remote())
-        actors = ray.get([w.memory.remote() for w in coord.pool])
+        actors = ray.get([m.handle.memory.remote() for m in coord.pool.alive()])
     per_actor = []
     for a in actors:
         trimmed = a["rss_after_malloc_trim_mib"]

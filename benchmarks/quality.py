@@ -98,7 +98,7 @@ def final_metrics(eval_df: pd.DataFrame) -> dict[str, float]:
 def audit_means(run_dir: Path) -> list[dict]:
     """Mean audit Dice per relabel round (and per class) of a run: pseudo-labels vs specialist."""
     rows = []
-    for path in sorted((run_dir / "audit").glob("round_*.parquet")):
+    for path in sorted((Path(run_dir) / "audit").glob("round_*.parquet")):
         a = pd.read_parquet(path)
         row = {"round": int(a["round"].iloc[0]), "pseudo_dice": float(a["pseudo_dice"].mean()),
                "specialist_dice": float(a["specialist_dice"].mean())}
