@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.storage import _umask
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under the usual 022): mkstemp makes 0600,
+    and a shared run folder must stay readable by a colleague or a dashboard."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -21,7 +27,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared run folder must stay readable
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -30,6 +36,18 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _write_synced(tmp: str, data: bytes) -> None:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``data`` on disk (fsynced) before it replaces ``path``."""
+    atomic_write(path, lambda tmp: _write_synced(tmp, data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -27,14 +27,12 @@ manifest and in the arrays are redone.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
-import pandas as pd
 import ray
 import yaml
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
@@ -49,11 +47,11 @@ from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.generalist.factory import generalist_name
 from pipeline.interrupt import POLL_SECONDS, StopFlag
 from pipeline.placement import describe, plan_pool, request_of
-from pipeline.pool import DEAD, SamPool, short_cause, task_error_cause
+from pipeline.pool import DEAD, SamPool, creation_failed, short_cause, task_error_cause
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.run_lock import RunLock
-from pipeline.storage import Location, check_writable, sha256_hex
+from pipeline.storage import Location, check_writable, sha256_hex, write_table
 from pipeline.store import PseudoLabelStore
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
@@ -175,12 +173,6 @@ def _cpu_gpu(resources: dict) -> dict:
     return {k: v for k, v in resources.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
 
 
-def frame_to_parquet(df: pd.DataFrame, loc: Location) -> None:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    loc.write_bytes(buf.getvalue())
-
-
 class Coordinator:
     """Owns the actors of one run and drives its rounds. Holds the run folder's lock while it lives."""
 
@@ -252,7 +244,7 @@ class Coordinator:
                     f"cluster cannot place it (free now: {describe(_cpu_gpu(ray.available_resources()))}; free or "
                     "add resources) or loading its data takes longer (raise the timeout)") from None
             except RayActorError as e:
-                if isinstance(e, ActorDiedError) and ("creation task" in str(e) or "__init__" in str(e)):
+                if isinstance(e, ActorDiedError) and creation_failed(e):
                     raise WorkerError(f"the trainer could not start: {short_cause(e)}") from None
                 if time.monotonic() > deadline:
                     raise WorkerError(f"the trainer did not come back: {short_cause(e)}") from None
@@ -407,7 +399,7 @@ class Coordinator:
             pseudo_cases = sorted(self.store.completed_cases(r))
             if self.cfg.eval.audit_pseudo_labels and pseudo_cases:
                 audit = audit_pseudo_labels(self.store, self.info, r, pseudo_cases, self.info.foreground_classes)
-                frame_to_parquet(audit, self.cfg.run_dir / "audit" / f"round_{r:03d}.parquet")
+                write_table(audit, self.cfg.run_dir / "audit" / f"round_{r:03d}.parquet")
                 summary.audit = {"pseudo_dice": float(audit["pseudo_dice"].mean()),
                                  "specialist_dice": float(audit["specialist_dice"].mean())}
         pseudo_round = r if pseudo_cases else None

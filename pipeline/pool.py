@@ -113,7 +113,7 @@ class SamPool:
         except RayTaskError as e:  # ready() itself raised: e.g. the actor does not see the run folder
             raise WorkerError(f"SAM worker {m.index}: {short_cause(e)}") from None
         except ActorDiedError as e:
-            if _creation_failed(e):
+            if creation_failed(e):
                 raise WorkerError(f"SAM worker {m.index} could not start: {_creation_cause(e)}") from None
             self.mark_dead(m, short_cause(e))
             return
@@ -147,7 +147,8 @@ class SamPool:
                 pass
 
 
-def _creation_failed(err: ActorDiedError) -> bool:
+def creation_failed(err: ActorDiedError) -> bool:
+    """The actor died in ``__init__`` (a configuration error: restarting it would fail the same way)."""
     return "creation task" in str(err) or "__init__" in str(err)
 
 

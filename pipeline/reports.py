@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import StoreError
-from pipeline.storage import Location
+from pipeline.storage import Location, read_table
 from pipeline.store import PseudoLabelStore, open_manifest
 
 log = logging.getLogger(__name__)
@@ -95,19 +95,6 @@ def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: 
     from pipeline.overlays import write_overlays as _write_overlays
 
     return _write_overlays(store_root, out_dir, num_slices, round_index, pick, seed)
-
-
-def read_table(loc: Location) -> pd.DataFrame:
-    """A Parquet table of a run folder (eval/, audit/); a damaged file is an error naming it."""
-    import io
-
-    try:
-        return pd.read_parquet(io.BytesIO(loc.read_bytes()))
-    except StoreError:
-        raise
-    except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many kinds of errors
-        raise StoreError(f"{loc} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "it is damaged: delete it and rerun `semisam run` with the round redone, or restore it") from None
 
 
 def eval_frame(run_dir: Path) -> pd.DataFrame:

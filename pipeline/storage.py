@@ -26,16 +26,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import StoreError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
 
 
 def is_url(text: str | os.PathLike) -> bool:
@@ -161,18 +153,7 @@ class Location:
         if not self.is_local:
             self.fs.pipe_file(self.path, data)
             return
-        os.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=posixpath.dirname(self.path), prefix=f".{self.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(Path(self.path), data)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
@@ -213,6 +194,30 @@ class Location:
     def pandas_options(self) -> dict[str, Any]:
         """``storage_options`` for pandas/dask readers of this location (empty when local)."""
         return {} if self.is_local else dict(self.options)
+
+
+def write_table(df, loc: Location) -> None:
+    """A pandas frame as one Parquet file (eval/, audit/ tables), written atomically."""
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    loc.write_bytes(buf.getvalue())
+
+
+def read_table(loc: Location):
+    """A Parquet table of a run folder (eval/, audit/); a damaged file is an error naming it."""
+    import io
+
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(io.BytesIO(loc.read_bytes()))
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many kinds of errors
+        raise StoreError(f"{loc} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "it is damaged: delete it and rerun `semisam run` with the round redone, or restore it") from None
 
 
 def sha256_hex(data: bytes) -> str:

@@ -9,7 +9,6 @@ who holds the lock. A local path or any fsspec URL.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import yaml
 from pipeline.checkpoint import checkpoint_path, checksum_path, recorded_sha256
 from pipeline.errors import SemisamError
 from pipeline.run_lock import read_lock
-from pipeline.storage import Location, sha256_hex
+from pipeline.storage import Location, read_table, sha256_hex
 
 
 @dataclass
@@ -62,9 +61,9 @@ def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
         for name in (loc / sub).list_names():
             if name.endswith(".parquet"):
                 try:
-                    pd.read_parquet(io.BytesIO((loc / sub / name).read_bytes()))
-                except Exception as e:  # noqa: BLE001
-                    rep.problems.append(f"{loc / sub / name} cannot be read ({type(e).__name__}): damaged")
+                    read_table(loc / sub / name)
+                except SemisamError as e:
+                    rep.problems.append(str(e))
     lock = read_lock(loc)
     if lock:
         rep.notes.append(f"locked by host {lock.get('host')} pid {lock.get('pid')} (a running driver, or a "

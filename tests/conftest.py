@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 
 from pipeline.config import RunConfig, config_from_dict
+from pipeline.coordinator import Coordinator
+from pipeline.data.dataset import read_dataset_info
+from pipeline.data.splits import resolve_split
 from pipeline.data.synthetic import write_synthetic_msd
 from pipeline.generalist.sam import save_tiny_sam
+from pipeline.store import PseudoLabelStore, _read_part
+from pipeline.verify import verify_run
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -28,6 +34,23 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic_msd(root, num_cases=8, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def data12(tmp_path_factory) -> Path:
+    """12 synthetic cases: 3 test, 2 labeled, 7 unlabeled (enough work to kill actors in the middle).
+    Read-only for tests."""
+    root = tmp_path_factory.mktemp("data12")
+    write_synthetic_msd(root, num_cases=12, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One real local Ray (2 CPUs) per test module that asks for it (Ray start-up costs seconds)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +86,36 @@ def small_config_dict(data_root: Path, run_root: Path, sam_checkpoint: Path | No
 
 def small_config(data_root: Path, run_root: Path, sam_checkpoint: Path | None = None, **sections) -> RunConfig:
     return config_from_dict(small_config_dict(data_root, run_root, sam_checkpoint, **sections))
+
+
+def run_to_end(cfg, on_event=None):
+    """Run a Coordinator to the end (always shut down); returns (coordinator, summaries) for inspection."""
+    c = Coordinator(cfg, on_event)
+    try:
+        return c, c.run()
+    finally:
+        c.shutdown()
+
+
+def unlabeled_cases(cfg) -> list[str]:
+    return sorted(resolve_split(cfg.data, read_dataset_info(cfg.data.root)).unlabeled)
+
+
+def assert_exactly_once(cfg, rounds: list[int]) -> None:
+    """Every unlabeled case once per round in the manifest (no duplicated slice) and in the arrays."""
+    store = PseudoLabelStore(cfg.run_dir / "pseudo_labels")
+    want = unlabeled_cases(cfg)
+    for r in rounds:
+        m = store.manifest(r)
+        assert sorted(m["case_id"].unique()) == want, r
+        assert not m.duplicated(["case_id", "slice"]).any(), r
+        # one part per (round, case): no case counted twice across parts
+        seen: dict[str, int] = {}
+        for p in store.parts(r):
+            for c in _read_part(p)["case_id"].unique():
+                seen[c] = seen.get(c, 0) + 1
+        assert all(n == 1 for n in seen.values()), seen
+        status = store.case_status(r)
+        assert sorted(c for c, ok in status.items() if ok) == want
+    report = verify_run(cfg.run_dir)
+    assert report.ok, report.text()

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.atomic import atomic_write, atomic_write_text
+from pipeline.atomic import atomic_write, atomic_write_text, file_mode
 from pipeline.checkpoint import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint, save_checkpoint
 from pipeline.errors import CheckpointError
-from pipeline.storage import _umask
 from pipeline.training.loop import SpecialistTrainer, TrainVolume
 from tests.conftest import small_config
 
@@ -53,7 +52,7 @@ def test_round_trip(trained, tmp_path):
     assert path.parent.list_names() == ["ckpt_0003.pt", "ckpt_0003.pt.sha256"]  # no temp file left behind
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
     assert Path(str(path) + ".sha256").read_text() == f"{digest}  ckpt_0003.pt\n"
-    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by a colleague
+    assert oct(os.stat(path).st_mode & 0o777) == oct(file_mode())  # readable by a colleague
 
     ckpt = load_checkpoint(path, expect_model_args=trainer.model_args)
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["version"] == 3

@@ -13,8 +13,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from tests.conftest import small_config_dict
-from tests.test_faults import _run, assert_exactly_once, data12  # noqa: F401 - fixture
+from tests.conftest import assert_exactly_once, run_to_end, small_config_dict
 
 pytestmark = pytest.mark.ray
 
@@ -40,10 +39,10 @@ def _cfg(data, out, **extra):
     return config_from_dict(tree)
 
 
-def test_actors_land_on_both_nodes_with_their_own_gpus(cluster, data12, tmp_path):  # noqa: F811
+def test_actors_land_on_both_nodes_with_their_own_gpus(cluster, data12, tmp_path):
     head_and_worker = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(head_and_worker) == 2
-    c, summaries = _run(_cfg(data12, tmp_path))
+    c, summaries = run_to_end(_cfg(data12, tmp_path))
     assert [s.round for s in summaries] == [0, 1]
     placed = [(c.trainer_info["node_id"], g) for g in c.trainer_info["gpu_ids"]]
     for m in c.pool.ready():
@@ -53,7 +52,7 @@ def test_actors_land_on_both_nodes_with_their_own_gpus(cluster, data12, tmp_path
     assert {g for _, g in placed} == {"0", "1"}                 # GPU ids are per node
 
 
-def test_losing_a_worker_node_mid_round_loses_no_case(cluster, data12, tmp_path):  # noqa: F811
+def test_losing_a_worker_node_mid_round_loses_no_case(cluster, data12, tmp_path):
     c_obj, worker = cluster
     removed: list[str] = []
 
@@ -65,7 +64,7 @@ def test_losing_a_worker_node_mid_round_loses_no_case(cluster, data12, tmp_path)
             c_obj.remove_node(worker)
 
     cfg = _cfg(data12, tmp_path)
-    c, summaries = _run(cfg, drop_the_worker_node)
+    c, summaries = run_to_end(cfg, drop_the_worker_node)
     assert removed
     assert [s.round for s in summaries] == [0, 1]
     assert summaries[1].relabel["failed_cases"] == {}

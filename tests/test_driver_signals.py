@@ -17,8 +17,7 @@ import yaml
 from pipeline.config import config_from_dict
 from pipeline.run_lock import read_lock
 from pipeline.storage import Location
-from tests.conftest import small_config_dict
-from tests.test_faults import assert_exactly_once, data12  # noqa: F401 - fixture
+from tests.conftest import assert_exactly_once, small_config_dict
 
 pytestmark = pytest.mark.ray
 
@@ -49,7 +48,7 @@ def _setup(data: Path, tmp_path: Path, **extra):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_during_training_stops_within_seconds_and_resumes(data12, tmp_path, sig, code):  # noqa: F811
+def test_signal_during_training_stops_within_seconds_and_resumes(data12, tmp_path, sig, code):
     path, cfg = _setup(data12, tmp_path, train={"iterations": 400, "log_every": 1000})
     run_dir = Path(cfg.run_dir)
     proc = _start(path)
@@ -78,7 +77,7 @@ def test_signal_during_training_stops_within_seconds_and_resumes(data12, tmp_pat
     assert_exactly_once(cfg, [1])
 
 
-def test_killed_driver_mid_relabel_resumes_exactly_once(data12, tmp_path):  # noqa: F811
+def test_killed_driver_mid_relabel_resumes_exactly_once(data12, tmp_path):
     path, cfg = _setup(data12, tmp_path, workers={"trainer": {"num_cpus": 0.5, "torch_threads": 1},
                                                   "sam": {"num_workers": 1, "num_cpus": 0.5, "torch_threads": 1}})
     run_dir = Path(cfg.run_dir)

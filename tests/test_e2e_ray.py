@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import yaml
 
 from pipeline.cli import main as cli_main
@@ -26,13 +25,6 @@ from pipeline.store import PseudoLabelStore, open_manifest, open_masks
 from tests.conftest import small_config_dict
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

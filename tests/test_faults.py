@@ -19,35 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 
 from pipeline.config import config_from_dict
 from pipeline.coordinator import Coordinator
-from pipeline.data.synthetic import write_synthetic_msd
 from pipeline.errors import CheckpointError, ConfigError, PlacementError, RunLockedError, StoreError
 from pipeline.run_lock import RunLock
 from pipeline.store import PseudoLabelStore
 from pipeline.verify import verify_run
-from tests.conftest import small_config_dict
+from tests.conftest import assert_exactly_once, run_to_end, small_config_dict, unlabeled_cases
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data12(tmp_path_factory) -> Path:
-    """12 synthetic cases: 3 test, 2 labeled, 7 unlabeled (enough work to kill actors in the middle)."""
-    root = tmp_path_factory.mktemp("data12")
-    write_synthetic_msd(root, num_cases=12, seed=3)
-    return root
 
 
 def _cfg(data: Path, out: Path, **sections):
@@ -57,43 +40,6 @@ def _cfg(data: Path, out: Path, **sections):
     for k, v in sections.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return config_from_dict(small_config_dict(data, out, **base))
-
-
-def _run(cfg, on_event=None):
-    c = Coordinator(cfg, on_event)
-    try:
-        return c, c.run()
-    finally:
-        c.shutdown()
-
-
-def _unlabeled(cfg) -> list[str]:
-    from pipeline.data.dataset import read_dataset_info
-    from pipeline.data.splits import resolve_split
-
-    return sorted(resolve_split(cfg.data, read_dataset_info(cfg.data.root)).unlabeled)
-
-
-def assert_exactly_once(cfg, rounds: list[int]) -> None:
-    """Every unlabeled case once per round in the manifest (no duplicated slice) and in the arrays."""
-    store = PseudoLabelStore(cfg.run_dir / "pseudo_labels")
-    want = _unlabeled(cfg)
-    for r in rounds:
-        m = store.manifest(r)
-        assert sorted(m["case_id"].unique()) == want, r
-        assert not m.duplicated(["case_id", "slice"]).any(), r
-        # one part per (round, case): no case counted twice across parts
-        raw = [p for p in store.parts(r)]
-        seen: dict[str, int] = {}
-        from pipeline.store import _read_part
-
-        for p in raw:
-            for c in _read_part(p)["case_id"].unique():
-                seen[c] = seen.get(c, 0) + 1
-        assert all(n == 1 for n in seen.values()), seen
-        status = store.case_status(r)
-        assert sorted(c for c, ok in status.items() if ok) == want
-    assert verify_run(cfg.run_dir).ok, verify_run(cfg.run_dir).text()
 
 
 def test_killed_sam_actor_mid_round_loses_and_duplicates_nothing(ray_cluster, data12, tmp_path):
@@ -106,10 +52,10 @@ def test_killed_sam_actor_mid_round_loses_and_duplicates_nothing(ray_cluster, da
             killed.append(victim.info["pid"])
             os.kill(victim.info["pid"], signal.SIGKILL)
 
-    c, summaries = _run(cfg, kill_a_worker)
+    c, summaries = run_to_end(cfg, kill_a_worker)
     assert killed, "the kill never happened"
     assert [s.round for s in summaries] == [0, 1]
-    assert summaries[1].relabel["cases"] == len(_unlabeled(cfg))
+    assert summaries[1].relabel["cases"] == len(unlabeled_cases(cfg))
     assert summaries[1].relabel["failed_cases"] == {}
     assert_exactly_once(cfg, [1])
     # the killed actor came back (Ray restart) under a new pid
@@ -126,7 +72,7 @@ def test_killed_trainer_mid_training_is_restarted_from_the_last_checkpoint(ray_c
             killed.append(pid)
             threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
 
-    c, summaries = _run(cfg, kill_trainer_soon)
+    c, summaries = run_to_end(cfg, kill_trainer_soon)
     assert killed and c.trainer_restarts == 1
     assert c.trainer_info["pid"] != killed[0]
     assert [s.round for s in summaries] == [0, 1]
@@ -147,7 +93,7 @@ def test_killed_trainer_in_round_0_restarts_from_scratch(ray_cluster, data12, tm
             killed.append(c.trainer_info["pid"])
             threading.Timer(0.5, os.kill, (killed[0], signal.SIGKILL)).start()
 
-    c, summaries = _run(cfg, kill)
+    c, summaries = run_to_end(cfg, kill)
     assert c.trainer_restarts == 1 and summaries[0].train["step"] == 60
 
 
@@ -155,7 +101,7 @@ def test_killed_trainer_in_round_0_restarts_from_scratch(ray_cluster, data12, tm
 def finished(ray_cluster, data12, tmp_path_factory):
     """A finished 3-round run; tests copy its folder before damaging it."""
     cfg = _cfg(data12, tmp_path_factory.mktemp("finished"), rounds=3)
-    _run(cfg)
+    run_to_end(cfg)
     return cfg
 
 
@@ -198,12 +144,12 @@ def test_flipped_checkpoint_is_refused_on_resume_and_named(finished, tmp_path):
 def test_deleted_case_arrays_are_redone_on_resume(finished, tmp_path):
     """Round 2 was relabeled but its training not finished (the driver died): one case's array is gone."""
     cfg = _copy_of(finished, tmp_path, completed=[0, 1])
-    victim = _unlabeled(cfg)[2]
+    victim = unlabeled_cases(cfg)[2]
     shutil.rmtree(Path(cfg.run_dir) / "pseudo_labels" / "masks.zarr" / "round_002" / victim / "pseudo_label")
     report = verify_run(cfg.run_dir)
     assert any(victim in p and "arrays are missing" in p for p in report.problems)
     before = {p.name for p in PseudoLabelStore(cfg.run_dir / "pseudo_labels").parts(2)}
-    _, summaries = _run(cfg)
+    _, summaries = run_to_end(cfg)
     assert [s.round for s in summaries] == [0, 1, 2]
     assert_exactly_once(cfg, [1, 2])
     after = {p.name for p in PseudoLabelStore(cfg.run_dir / "pseudo_labels").parts(2)}
@@ -235,7 +181,7 @@ def test_second_driver_is_refused_and_a_dead_drivers_lock_taken_over(finished, t
     lock = Path(cfg.run_dir) / "driver.lock"
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "token": "x",
                                 "started": time.time(), "heartbeat": time.time()}))
-    _, summaries = _run(cfg)  # the lock of a dead pid on this host is stale: taken over
+    _, summaries = run_to_end(cfg)  # the lock of a dead pid on this host is stale: taken over
     assert [s.round for s in summaries] == [0, 1, 2]
     assert not lock.exists()  # released at the end
 
@@ -267,8 +213,8 @@ def test_pickled_sam_checkpoint_is_refused_before_any_training(data12, tmp_path)
 def test_over_asked_pool_starts_with_what_fits(ray_cluster, data12, tmp_path):
     """Issue 8: 8 SAM actors on a cluster that can place 1 waited forever; now the run starts with 1."""
     cfg = _cfg(data12, tmp_path, workers={"sam": {"num_workers": 8, "num_cpus": 1.0, "torch_threads": 1}})
-    c, summaries = _run(cfg)
-    assert summaries[1].relabel["cases"] == len(_unlabeled(cfg))
+    c, summaries = run_to_end(cfg)
+    assert summaries[1].relabel["cases"] == len(unlabeled_cases(cfg))
     assert summaries[1].relabel["workers_ready"] == 1
     assert_exactly_once(cfg, [1])
 
@@ -299,7 +245,7 @@ def test_warm_start_takes_the_sources_round_0(finished, data12, tmp_path):
     src_state = json.loads((finished.run_dir / "state.json").read_text())
     cfg = _cfg(data12, tmp_path, name="warm", train={"init_from": str(finished.run_dir),
                                                      "pseudo_label": {"weight": 0.2}})
-    c, summaries = _run(cfg)
+    c, summaries = run_to_end(cfg)
     assert [s.round for s in summaries] == [0, 1]
     assert summaries[0].test == src_state["summaries"][0]["test"]            # the source's round-0 metrics
     assert (cfg.run_dir / "checkpoints" / "ckpt_0000.pt").read_bytes() == \
@@ -310,4 +256,4 @@ def test_warm_start_takes_the_sources_round_0(finished, data12, tmp_path):
     assert verify_run(cfg.run_dir).ok
     other = _cfg(data12, tmp_path, name="warm2", train={"init_from": str(finished.run_dir), "lr": 0.5})
     with pytest.raises(ConfigError, match="differs in: train.lr"):
-        _run(other)
+        run_to_end(other)

@@ -15,7 +15,7 @@ import ray
 
 from pipeline.cli import main as cli_main
 from pipeline.config import config_from_dict
-from pipeline.coordinator import Coordinator
+from pipeline.coordinator import Coordinator, run
 from pipeline.errors import StoreError
 from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore, open_manifest, open_masks
@@ -55,12 +55,7 @@ def s3():
 @pytest.fixture(scope="module")
 def s3_run(s3, synthetic_root):
     cfg = config_from_dict(small_config_dict(synthetic_root, f"{s3}/runs", rounds=2))
-    c = Coordinator(cfg)
-    try:
-        summaries = c.run()
-    finally:
-        c.shutdown()
-    return cfg, summaries
+    return cfg, run(cfg)
 
 
 def test_a_whole_run_writes_its_folder_to_s3(s3_run):
@@ -101,11 +96,7 @@ def test_cli_reads_the_run_from_the_url(s3_run, capsys):
 def test_resume_from_s3_adds_a_round(s3_run):
     cfg, _ = s3_run
     more = config_from_dict({**cfg.model_dump(mode="json"), "rounds": 3})
-    c = Coordinator(more)
-    try:
-        summaries = c.run()
-    finally:
-        c.shutdown()
+    summaries = run(more)
     assert [s.round for s in summaries] == [0, 1, 2]
     assert PseudoLabelStore(f"{cfg.run_dir}/pseudo_labels").rounds() == [1, 2]
 

@@ -6,7 +6,6 @@ weights are returned through the Ray object store for the SAM pool (``weights``)
 
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
@@ -17,6 +16,7 @@ from pipeline.data.dataset import load_image, load_label, read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.evaluation import EvalVolume, evaluate_model
 from pipeline.run_lock import check_sees_run_folder
+from pipeline.storage import write_table
 from pipeline.store import PseudoLabelStore
 from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
 from pipeline.training.pseudo_labels import load_pseudo_labels
@@ -99,9 +99,7 @@ class TrainerWorker:
         """Evaluate the student on the test split; also written to ``eval/round_NNN.parquet``."""
         df = evaluate_model(self.trainer.student, self.test, self.cfg, self.class_ids, self.device)
         df.insert(0, "round", round_index)
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        (self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet").write_bytes(buf.getvalue())
+        write_table(df, self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet")
         return df
 
     def process_info(self) -> dict:

@@ -85,6 +85,21 @@ def _acceptable(label: np.ndarray) -> bool:
     return True
 
 
+def _toy_label(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Two touching ellipsoids that fit the volume (up to 200 draws from ``rng``)."""
+    for _ in range(200):
+        label = _two_ellipsoids(shape, rng)
+        if _acceptable(label):
+            return label
+    raise ValueError(f"could not place the toy organ in shape {shape}; use a larger shape")
+
+
+def _case_ids(num_cases: int) -> list[str]:
+    """case_000, case_001, ... (at least 3 digits, more when needed)."""
+    width = max(3, len(str(num_cases - 1)))
+    return [f"case_{i:0{width}d}" for i in range(num_cases)]
+
+
 def _smooth_field(shape: tuple[int, int, int], rng: np.random.Generator, sigma: float) -> np.ndarray:
     """Zero-mean, unit-max-magnitude smooth random field (X, Y, Z)."""
     field = gaussian_filter(rng.normal(size=shape), sigma=sigma, mode="reflect")
@@ -175,15 +190,9 @@ def write_synthetic_msd(out_dir: Path, num_cases: int = 8, shape: tuple[int, int
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     rng = np.random.default_rng(seed)
-    width = max(3, len(str(num_cases - 1)))
-    case_ids = [f"case_{i:0{width}d}" for i in range(num_cases)]
+    case_ids = _case_ids(num_cases)
     for case_id in case_ids:
-        for _ in range(200):
-            label = _two_ellipsoids(shape, rng)
-            if _acceptable(label):
-                break
-        else:
-            raise ValueError(f"could not place the toy organ in shape {shape}; use a larger shape")
+        label = _toy_label(shape, rng)
         _save(_image(label, rng, style), spacing, out_dir / "imagesTr" / f"{case_id}.nii.gz")
         _save(label, spacing, out_dir / "labelsTr" / f"{case_id}.nii.gz")
     meta = {
@@ -236,12 +245,7 @@ def write_synthetic_ssl4mis(out_dir: Path, num_train: int = 4, num_val: int = 1,
                         case_ids[num_train + num_val:])
     slice_names = []
     for case_id in case_ids:
-        for _ in range(200):
-            label = _two_ellipsoids(shape, rng)
-            if _acceptable(label):
-                break
-        else:
-            raise ValueError(f"could not place the toy organ in shape {shape}; use a larger shape")
+        label = _toy_label(shape, rng)
         image = _image(label, rng, style).astype(np.float64)
         image = ((image - image.min()) / max(float(image.max() - image.min()), 1e-12)).astype(np.float32)
         if case_id in train:
@@ -282,14 +286,9 @@ def write_synthetic_h5(out_dir: Path, num_cases: int = 8, shape: tuple[int, int,
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     rng = np.random.default_rng(seed)
-    case_ids = [f"case_{i:0{max(3, len(str(num_cases - 1)))}d}" for i in range(num_cases)]
+    case_ids = _case_ids(num_cases)
     for case_id in case_ids:
-        for _ in range(200):
-            label = _two_ellipsoids(shape, rng)
-            if _acceptable(label):
-                break
-        else:
-            raise ValueError(f"could not place the toy organ in shape {shape}; use a larger shape")
+        label = _toy_label(shape, rng)
         with h5py.File(out_dir / f"{case_id}.h5", "w") as f:
             f.create_dataset("image", data=_image(label, rng))
             f.create_dataset("label", data=label)
