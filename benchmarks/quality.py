@@ -57,20 +57,45 @@ FULL_K = 200
 BUDGET = ["rounds=3", "train.iterations=200", "train.consistency.rampup_iterations=300",
           "train.pseudo_label.rampup_iterations=100", "train.log_every=200", "eval.every_round=false"]
 _NO_PL = "train.pseudo_label.enabled=false"
+_PL = ["train.method=mean_teacher", "train.pseudo_label.enabled=true", "eval.audit_pseudo_labels=true"]
 ROWS: dict[str, list[str]] = {
     "supervised": ["train.method=supervised", _NO_PL],
     "mean_teacher": ["train.method=mean_teacher", _NO_PL],
     "uamt": ["train.method=uamt", _NO_PL],
-    "mean_teacher+semisam": ["train.method=mean_teacher", "train.pseudo_label.enabled=true",
-                             "eval.audit_pseudo_labels=true"],
-    "uamt+semisam": ["train.method=uamt", "train.pseudo_label.enabled=true", "eval.audit_pseudo_labels=true"],
+    # the SemiSAM term as published (conf/hippocampus_official.yaml): MSE on softmax, 0.05, ramped down
+    "mean_teacher+semisam_official": [*_PL, "train.pseudo_label.loss=mse", "train.pseudo_label.schedule=down",
+                                      "train.pseudo_label.weight=0.05"],
+    # ours (conf/hippocampus.yaml): CE + Dice on the hard mask, 0.5 ramped up and held
+    "mean_teacher+semisam": _PL,
+    # ours with a 4-member prompt ensemble: the consensus mask, its voxels weighted by certainty
+    "mean_teacher+semisam+ensemble": [*_PL, "prompts.ensemble=4", "train.pseudo_label.uncertainty_weighting=true"],
+    # the Mean Teacher sweep (issue 9 item 1): consistency weight x ramp length, k=4
+    "mean_teacher_w1": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=1.0"],
+    "mean_teacher_w10": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=10.0"],
+    "mean_teacher_w1_ramp50": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=1.0",
+                               "train.consistency.rampup_iterations=50"],
+    "mean_teacher_w10_ramp50": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=10.0",
+                                "train.consistency.rampup_iterations=50"],
     "full_supervised": ["train.method=supervised", _NO_PL],
     # the same 600 iterations spread over 200 cases leave the ceiling undertrained: also 5x the budget
     "full_supervised_long": ["train.method=supervised", _NO_PL, "train.iterations=1000"],
 }
+MATRIX_ROWS = ["supervised", "mean_teacher", "uamt", "mean_teacher+semisam_official", "mean_teacher+semisam",
+               "mean_teacher+semisam+ensemble"]
+"""The rows run by default; the sweep and the fully supervised ceiling run when named in ``--rows``."""
+SWEEP_ROWS = ["mean_teacher_w1", "mean_teacher_w10", "mean_teacher_w1_ramp50", "mean_teacher_w10_ramp50"]
 FULL_ROWS = ("full_supervised", "full_supervised_long")
 KS = [1, 2, 4]
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1, 2, 3, 4]
+COMPARISONS = [
+    ("mean_teacher", "supervised"), ("uamt", "supervised"),
+    ("mean_teacher+semisam_official", "mean_teacher"), ("mean_teacher+semisam", "mean_teacher"),
+    ("mean_teacher+semisam", "mean_teacher+semisam_official"),
+    ("mean_teacher+semisam+ensemble", "mean_teacher+semisam"), ("mean_teacher+semisam+ensemble", "mean_teacher"),
+    *[(row, "mean_teacher") for row in SWEEP_ROWS], *[(row, "supervised") for row in SWEEP_ROWS],
+]
+"""(row, baseline) pairs compared seed by seed (same k, same seed: the same labeled cases, initial
+weights and sampling until the methods diverge)."""
 
 
 def cell_name(k: int, row: str, seed: int) -> str:
@@ -105,6 +130,9 @@ def audit_means(run_dir: Path) -> list[dict]:
         for cid, g in a.groupby("class_id"):
             row[f"pseudo_dice_class{cid}"] = float(g["pseudo_dice"].mean())
             row[f"specialist_dice_class{cid}"] = float(g["specialist_dice"].mean())
+        for col in ("pseudo_dice_certain", "certain_fraction"):  # prompt-ensemble rows only
+            if col in a:
+                row[col] = float(np.nanmean(a[col]))
         rows.append(row)
     return rows
 
@@ -155,9 +183,35 @@ def aggregate(cells: list[dict]) -> list[dict]:
         for r in audit_rounds:
             per = [a for c in cs for a in c["audit"] if a["round"] == r]
             entry["audit"].append({"round": r, **{
-                key: {"mean": float(np.mean([a[key] for a in per])), "std": float(np.std([a[key] for a in per]))}
+                key: {"mean": float(np.nanmean([a[key] for a in per])), "std": float(np.nanstd([a[key] for a in per]))}
                 for key in per[0] if key != "round"}})
         out.append(entry)
+    return out
+
+
+def paired(cells: list[dict], metric: str = "dice") -> list[dict]:
+    """Seed-by-seed differences of ``metric`` for every (row, baseline) of :data:`COMPARISONS` and every k
+    where both ran with at least two common seeds: the differences, their mean and sample std, the 95%
+    confidence interval of the mean (Student t, n-1 degrees of freedom), the paired t-test's two-sided p,
+    and a verdict: ``gain``/``loss`` only when the interval excludes 0, else ``within noise``."""
+    from scipy import stats
+
+    by = {(c["row"], c["k"], c["seed"]): c["final"][metric] for c in cells}
+    out = []
+    for row, base in COMPARISONS:
+        for k in sorted({c["k"] for c in cells}):
+            seeds = sorted(s for (r, kk, s) in by if r == row and kk == k and (base, k, s) in by)
+            if len(seeds) < 2:
+                continue
+            d = np.array([by[(row, k, s)] - by[(base, k, s)] for s in seeds], float)
+            mean, sd, n = float(d.mean()), float(d.std(ddof=1)), len(d)
+            half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if sd > 0 else 0.0
+            p = float(stats.ttest_rel([by[(row, k, s)] for s in seeds], [by[(base, k, s)] for s in seeds]).pvalue) \
+                if sd > 0 else float("nan")
+            verdict = "gain" if mean - half > 0 else "loss" if mean + half < 0 else "within noise"
+            out.append({"row": row, "baseline": base, "k": k, "metric": metric, "seeds": seeds,
+                        "differences": [round(float(x), 4) for x in d], "mean": mean, "std": sd,
+                        "ci95": [mean - half, mean + half], "p_paired_t": p, "verdict": verdict})
     return out
 
 
@@ -175,12 +229,28 @@ def markdown(table: list[dict]) -> str:
                      f"{_ms(e['dice_class2'])} | {_ms(e['jaccard'])} | {_ms(e['jaccard_class1'])} | "
                      f"{_ms(e['jaccard_class2'])} | {_ms(e[f'hd95_{u}'], 2)} {u} | {_ms(e[f'asd_{u}'], 2)} {u} |")
     lines += ["", "Pseudo-label audit (unlabeled cases, against their hidden labels; mean over cases and classes):",
-              "", "| k | row | round | pseudo-label Dice | specialist Dice | difference |", "|---|---|---|---|---|---|"]
+              "", "| k | row | round | pseudo-label Dice | on certain voxels (their fraction) | specialist Dice | "
+              "difference |", "|---|---|---|---|---|---|---|"]
     for e in table:
         for a in e["audit"]:
             diff = a["pseudo_dice"]["mean"] - a["specialist_dice"]["mean"]
-            lines.append(f"| {e['k']} | {e['row']} | {a['round']} | {_ms(a['pseudo_dice'])} | "
+            certain = (f"{_ms(a['pseudo_dice_certain'])} ({a['certain_fraction']['mean']:.3f})"
+                       if "pseudo_dice_certain" in a else "-")
+            lines.append(f"| {e['k']} | {e['row']} | {a['round']} | {_ms(a['pseudo_dice'])} | {certain} | "
                          f"{_ms(a['specialist_dice'])} | {diff:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown(pairs: list[dict]) -> str:
+    """The seed-by-seed comparison table, as Markdown."""
+    lines = ["| k | row | against | seeds | Dice difference per seed | mean ± std | 95% CI | paired t p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in pairs:
+        per = " ".join(f"{x:+.3f}" for x in c["differences"])
+        p = "-" if np.isnan(c["p_paired_t"]) else f"{c['p_paired_t']:.3f}"
+        lines.append(f"| {c['k']} | {c['row']} | {c['baseline']} | {len(c['seeds'])} | {per} | "
+                     f"{c['mean']:+.3f} ± {c['std']:.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {p} | "
+                     f"**{c['verdict']}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +266,7 @@ def plot(table: list[dict], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for row in ROWS:
         es = [e for e in table if e["row"] == row]
-        if not es or row in FULL_ROWS:
+        if not es or row in FULL_ROWS or row in SWEEP_ROWS:
             continue
         ks = [e["k"] for e in es]
         ax.errorbar(ks, [e["dice"]["mean"] for e in es], yerr=[e["dice"]["std"] for e in es], marker="o",
@@ -210,7 +280,7 @@ def plot(table: list[dict], out_dir: Path) -> list[Path]:
     ax.set_xticks(KS, [str(k) for k in KS])
     ax.set_xlabel("labeled cases k")
     ax.set_ylabel("test Dice (mean of 2 classes, 60 cases)")
-    ax.set_title("MSD Hippocampus: test Dice against k (mean ± std, 3 seeds)")
+    ax.set_title(f"MSD Hippocampus: test Dice against k (mean ± std, {max(len(e['seeds']) for e in table)} seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -231,7 +301,7 @@ def plot(table: list[dict], out_dir: Path) -> list[Path]:
     ax.set_xticks(sorted({a["round"] for e in table for a in e["audit"]}))
     ax.set_xlabel("relabel round (pseudo-labels from the checkpoint of the round before)")
     ax.set_ylabel("Dice vs hidden labels (unlabeled cases)")
-    ax.set_title("Pseudo-label audit per round (mean ± std, 3 seeds)")
+    ax.set_title(f"Pseudo-label audit per round (mean ± std, {max(len(e['seeds']) for e in table)} seeds)")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -271,11 +341,14 @@ def report(cells_dir: Path, out: Path, figures: Path, docs: Path | None = DOCS) 
     """Aggregate the finished cells into ``out``, draw the plots, refresh the table in ``docs``."""
     cells = load_cells(cells_dir)
     table = aggregate(cells)
+    pairs = paired(cells)
     atomic_write_text(out, json.dumps({"budget": BUDGET, "rows": ROWS, "config": str(CONFIG.relative_to(ROOT)),
-                                       "table": table, "cells": [c["cell"] for c in cells]}, indent=1))
+                                       "table": table, "paired": pairs, "cells": [c["cell"] for c in cells]},
+                                      indent=1))
     if table:
         plot(table, figures)
-    text = markdown(table) + "\n" + provenance(cells)
+    text = (markdown(table) + "\nSeed-by-seed differences of the test Dice (a gain is called a gain only when "
+            "its 95% interval excludes 0):\n\n" + paired_markdown(pairs) + "\n" + provenance(cells))
     if docs is not None:
         update_docs(docs, text)
     return text
@@ -285,7 +358,7 @@ def report(cells_dir: Path, out: Path, figures: Path, docs: Path | None = DOCS) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     p.add_argument("--k", type=int, nargs="+", default=KS)
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=MATRIX_ROWS)
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "quality")
@@ -308,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("no dataset at %s (give --data)", args.data)
             return 2
         todo = []
-        for seed in args.seeds:
-            for k in args.k:
+        for k in args.k:  # k by k, then seed by seed: a k's whole matrix finishes before the next k starts
+            for seed in args.seeds:
                 for row in args.rows:
                     if row not in FULL_ROWS:
                         todo.append((k, row, seed))
+        for seed in args.seeds:
             for row in FULL_ROWS:
                 if row in args.rows:
                     todo.append((FULL_K, row, seed))
