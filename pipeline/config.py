@@ -256,6 +256,17 @@ class GeneralistConfig(_Strict):
     cache_embeddings: bool = True
     """Embed each slice once and reuse the embedding in every later round (SAM is frozen)."""
     cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_dir: str | None = None
+    """Where the embedding cache lives: None = ``<run folder>/embeddings.zarr`` (this run only); a path or
+    fsspec URL (``s3://bucket/sam-cache``, opened with ``storage_options``) shares it between runs. Entries
+    are keyed by the checkpoint's SHA-256 and every preprocessing field, and per case by the image's hash,
+    so runs that differ in seed, method or k on the same data and generalist reuse each other's embeddings
+    and a changed checkpoint or image is never read. Safe for concurrent runs; delete it to free space."""
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _cache_dir_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
 
 
 class ActorResources(_Strict):

@@ -224,6 +224,18 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(loc: Location, block_bytes: int = 8 << 20) -> str:
+    """SHA-256 of a file's bytes, read in blocks (a 2.5 GB SAM checkpoint never sits in memory whole)."""
+    digest = hashlib.sha256()
+    try:
+        with loc.fs.open(loc.path, "rb") as f:
+            while block := f.read(block_bytes):
+                digest.update(block)
+    except FileNotFoundError:
+        raise StoreError(f"{loc.url} does not exist") from None
+    return digest.hexdigest()
+
+
 def check_writable(loc: Location) -> None:
     """Write, read back and delete a small probe object: bad URLs and missing credentials fail here,
     before any work, with the cause and what to set."""

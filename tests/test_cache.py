@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pipeline.config import SamConfig
 from pipeline.generalist.base import SlicePrompt
-from pipeline.generalist.cache import EmbeddingCache
+from pipeline.generalist.cache import NAME_HEX, EmbeddingCache, image_sha256
 from pipeline.generalist.sam import SamGeneralist, load_sam
 
 S, H, W = 6, 12, 10
@@ -113,11 +114,12 @@ def test_slice_count_change_recomputes(tmp_path):
     direct = CountingEmbed()(vol8)
     for s in [0, 1, 7]:
         np.testing.assert_allclose(out[s], direct[s])
-    # the recomputed array replaced the old one: slices 2 of the old volume is no longer marked done
+    # the new image has its own array: slice 2 of the old volume is not taken for slice 2 of the new one
     embed2 = CountingEmbed()
     _, cached2 = cache.get("case_a", vol8, [0, 2, 7], embed2)
     assert cached2 == {0, 7} and embed2.slices == 1
-    assert cache._group["case_a"].shape[0] == 8
+    new_path = f"{cache.key}/case_a/{image_sha256(vol8)[:NAME_HEX]}"
+    assert zarr.open_array(store=cache.root.zarr_store(), path=new_path, mode="r").shape[0] == 8
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pipeline.generalist.factory import make_generalist
 from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
 from pipeline.run_lock import check_sees_run_folder
+from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore
 from workers.common import node_info, process_info, return_free_heap, start_worker
 
@@ -42,9 +43,16 @@ class SamWorker:
 
     @property
     def cache(self) -> EmbeddingCache | None:
+        """The embedding cache (SAM only): ``generalist.cache_dir``, else the run folder's embeddings.zarr,
+        under the key of this checkpoint (hashed once per actor) and preprocessing."""
         g = self.cfg.generalist
         if self._cache is None and g.cache_embeddings and getattr(self.generalist, "cacheable", False):
-            self._cache = EmbeddingCache(self.cfg.run_dir / "embeddings.zarr", self.generalist.name, g.cache_dtype)
+            from pipeline.generalist.sam import sam_embedding_cache  # only SAM is cacheable
+
+            root = (Location.of(g.cache_dir, self.cfg.storage_options) if g.cache_dir
+                    else self.cfg.run_dir / "embeddings.zarr")
+            self._cache = sam_embedding_cache(root, g.sam, self.cfg.data.slice_axis, g.cache_dtype)
+            log.info("SAM worker %d: embedding cache %s/%s", self.index, root, self._cache.key)
         return self._cache
 
     @property

@@ -25,8 +25,9 @@ from pipeline.atomic import atomic_torch_save
 from pipeline.config import SamConfig
 from pipeline.errors import CheckpointError
 from pipeline.generalist.base import DecodeResult, SlicePrompt
+from pipeline.generalist.cache import EmbeddingCache, cache_key
 from pipeline.generalist.windowing import window_to_uint8
-from pipeline.storage import Location
+from pipeline.storage import Location, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,41 @@ def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
 def sam_name(cfg: SamConfig) -> str:
     """The id stored with every mask this generalist makes (e.g. ``sam-vit_b``, ``sam-vit_b-medsam``)."""
     return f"sam-{cfg.variant}" + ("-medsam" if cfg.preprocess == "medsam" else "")
+
+
+# Bump when SamGeneralist.embed computes something else from the same checkpoint, settings and image
+# (windowing, resizing, normalisation code): it is part of every embedding cache key, so old entries miss.
+EMBED_VERSION = 1
+
+
+def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int, cache_dtype: str) -> dict:
+    """Everything that decides the bytes of a cached embedding, as a JSON-able dict (the cache key's inputs).
+
+    Left out on purpose: ``embed_batch_size`` (how slices are grouped, not what is computed) and the
+    device (CPU and GPU give the same embedding up to float rounding, far below the float16 cache dtype).
+    The image itself is hashed per case by the cache (``pipeline.generalist.cache``).
+    """
+    return {
+        "generalist": "sam",
+        "embed_version": EMBED_VERSION,
+        "checkpoint_sha256": checkpoint_sha256,
+        "variant": cfg.variant,
+        "image_size": cfg.image_size or SAM_VARIANTS[cfg.variant]["image_size"],  # None means this number
+        "preprocess": cfg.preprocess,
+        "pixel_mean": [float(v) for v in cfg.pixel_mean],
+        "pixel_std": [float(v) for v in cfg.pixel_std],
+        "window_percentiles": [float(v) for v in cfg.window_percentiles],
+        "precision": cfg.precision,
+        "slice_axis": int(slice_axis),
+        "cache_dtype": str(cache_dtype),
+    }
+
+
+def sam_embedding_cache(root: str | Location, cfg: SamConfig, slice_axis: int, cache_dtype: str) -> EmbeddingCache:
+    """The embedding cache under ``root`` for this checkpoint (its bytes hashed here: call once per actor)
+    and these preprocessing settings; its key group's attrs hold ``embedding_key_fields``."""
+    fields = embedding_key_fields(cfg, file_sha256(Location.of(cfg.checkpoint)), slice_axis, cache_dtype)
+    return EmbeddingCache(root, cache_key(fields), cache_dtype, key_fields=fields)
 
 
 class SamGeneralist:
