@@ -67,8 +67,8 @@ ROWS: dict[str, list[str]] = {
                                       "train.pseudo_label.weight=0.05"],
     # ours (conf/hippocampus.yaml): CE + Dice on the hard mask, 0.5 ramped up and held
     "mean_teacher+semisam": _PL,
-    # ours with a 4-member prompt ensemble: the consensus mask, its voxels weighted by certainty
-    "mean_teacher+semisam+ensemble": [*_PL, "prompts.ensemble=4", "train.pseudo_label.uncertainty_weighting=true"],
+    # ours with a 3-member prompt ensemble: the consensus mask, its voxels weighted by certainty
+    "mean_teacher+semisam+ensemble": [*_PL, "prompts.ensemble=3", "train.pseudo_label.uncertainty_weighting=true"],
     # the Mean Teacher sweep (issue 9 item 1): consistency weight x ramp length, k=4
     "mean_teacher_w1": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=1.0"],
     "mean_teacher_w10": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=10.0"],

@@ -135,6 +135,9 @@ class PseudoLabelConfig(_Strict):
     prediction its prompts came from (both stored in the round). Where the generalist is less accurate
     than the specialist (the classical one on hippocampus), this keeps it from pulling the student
     toward its errors while it still removes the specialist's voxels it disputes."""
+    uncertainty_weighting: bool = False
+    """Weight each pseudo-label voxel by the prompt ensemble's agreement, 1 - uncertainty (needs
+    prompts.ensemble > 1): voxels where all members agree count fully, disputed ones less."""
 
 
     @property
@@ -209,6 +212,20 @@ class PromptConfig(_Strict):
     """Also pass the specialist's class logits as SAM's low-resolution mask prompt."""
     min_component_pixels: int = Field(default=4, ge=1)
     """A class whose largest predicted component is smaller than this gets no prompt on that slice."""
+    ensemble: int = Field(default=1, ge=1, le=32)
+    """Prompt sets per slice (UR-SAM style). 1: one set, as SemiSAM. N > 1: member 0 is that same set,
+    members 1..N-1 are perturbed (the specialist's class region re-thresholded, fresh random positives,
+    points jittered, box margins redrawn); each is decoded on the same cached embedding. The pseudo-label
+    is the per-voxel majority vote and ``uncertainty`` (the fraction of members that disagree with it) is
+    stored next to it (pipeline.relabel)."""
+    point_jitter: int = Field(default=2, ge=0)
+    """Perturbed members: each point moves by up to this many pixels along x and y (clipped to the slice)."""
+    box_margin_jitter: int = Field(default=2, ge=0)
+    """Perturbed members: each side of the box gets a margin drawn from box_margin +- this (at least 0)."""
+    threshold_jitter: float = Field(default=0.15, ge=0.0, lt=0.5)
+    """Perturbed members: the specialist's foreground is taken where its top foreground class probability
+    reaches a threshold drawn from 0.5 +- this (instead of the argmax), which changes the component the
+    prompts come from and its extent."""
 
 
 class SamConfig(_Strict):
@@ -379,6 +396,13 @@ class RunConfig(_Strict):
     @classmethod
     def _output_as_text(cls, v: Any) -> Any:
         return str(v) if isinstance(v, Path) else v
+
+    @model_validator(mode="after")
+    def _weighting_needs_ensemble(self) -> RunConfig:
+        if self.train.pseudo_label.uncertainty_weighting and self.prompts.ensemble < 2:
+            raise ValueError("train.pseudo_label.uncertainty_weighting needs prompts.ensemble >= 2 (one prompt "
+                             f"set gives no uncertainty; prompts.ensemble is {self.prompts.ensemble})")
+        return self
 
     @property
     def run_dir(self) -> Location:

@@ -83,6 +83,8 @@ class RoundSummary:
             cached = (f"cached embeddings {r['cached_slices']}/{r['prompted_slices']}"
                       if r.get("cacheable", True) else "no embeddings (weight-free generalist)")
             parts.append(f"relabel {r['cases']} cases/{r['slices']} slices, score {r['score_mean']:.3f}, {cached}")
+            if r.get("ensemble", 1) > 1:
+                parts.append(f"{r['ensemble']}-member prompt ensemble, foreground uncertainty {r['fg_uncertainty']:.3f}")
             if r.get("failed_cases"):
                 parts.append(f"{len(r['failed_cases'])} cases given up")
         parts.append(f"train loss {self.train.get('loss', float('nan')):.4f}")
@@ -95,6 +97,10 @@ class RoundSummary:
         if self.audit:
             parts.append(f"audit pseudo Dice {self.audit['pseudo_dice']:.4f} vs specialist "
                          f"{self.audit['specialist_dice']:.4f}")
+            if "pseudo_dice_certain" in self.audit:
+                parts.append(f"on certain voxels {self.audit['pseudo_dice_certain']:.4f} vs "
+                             f"{self.audit['specialist_dice_certain']:.4f} ({self.audit['certain_fraction']:.3f} "
+                             "of the pseudo-label certain)")
         parts.append(f"{self.seconds:.1f} s")
         return " | ".join(parts)
 
@@ -402,6 +408,9 @@ class Coordinator:
                 write_table(audit, self.cfg.run_dir / "audit" / f"round_{r:03d}.parquet")
                 summary.audit = {"pseudo_dice": float(audit["pseudo_dice"].mean()),
                                  "specialist_dice": float(audit["specialist_dice"].mean())}
+                if audit["pseudo_dice_certain"].notna().any():  # a prompt ensemble: Dice where all members agree
+                    summary.audit.update({k: float(audit[k].mean()) for k in (
+                        "pseudo_dice_certain", "specialist_dice_certain", "certain_fraction")})
         pseudo_round = r if pseudo_cases else None
         self.on_event("train_start", self, round=r)
         summary.train = self._trainer_call(f"training round {r}", "train_round", r, pseudo_round, pseudo_cases)
@@ -541,6 +550,8 @@ class Coordinator:
             "cacheable": cacheable,
             "score_mean": float(prompted["score_mean"].mean()) if len(prompted) else float("nan"),
             "agreement_dice": float(prompted["agreement_dice"].mean()) if len(prompted) else float("nan"),
+            "ensemble": self.cfg.prompts.ensemble,
+            "fg_uncertainty": float(prompted["fg_uncertainty"].mean()) if len(prompted) else float("nan"),
             "failed_cases": failed,
             "workers_ready": len(self.pool.ready()),
         }

@@ -145,17 +145,34 @@ def round_means(df: pd.DataFrame, per_class: tuple[str, ...] = ("dice",)) -> dic
 
 def audit_pseudo_labels(store: PseudoLabelStore, info: DatasetInfo, round_index: int, case_ids: list[str],
                         class_ids: list[int]) -> pd.DataFrame:
-    """Per unlabeled case and class: Dice of the pseudo-label and of the specialist vs the hidden label."""
+    """Per unlabeled case and class: Dice of the pseudo-label and of the specialist vs the hidden label.
+
+    With a prompt ensemble (the case has an ``uncertainty`` array) also: ``pseudo_dice_certain`` and
+    ``specialist_dice_certain``, the same Dice restricted to the voxels where every member agreed
+    (uncertainty 0), and ``certain_fraction``, the share of the pseudo-label's class voxels that are
+    certain (NaN when it has none). Without one these columns are NaN.
+    """
     rows = []
     for case_id in case_ids:
         stored = store.read_case(round_index, case_id)
         hidden = np.moveaxis(load_label(info, case_id), store.slice_axis, 0)
+        certain = None if stored["uncertainty"] is None else stored["uncertainty"] == 0
         for c in class_ids:
-            rows.append({
+            pseudo_c, spec_c, hidden_c = stored["pseudo_label"] == c, stored["specialist"] == c, hidden == c
+            row = {
                 "round": round_index,
                 "case_id": case_id,
                 "class_id": c,
-                "pseudo_dice": dice(stored["pseudo_label"] == c, hidden == c),
-                "specialist_dice": dice(stored["specialist"] == c, hidden == c),
-            })
+                "pseudo_dice": dice(pseudo_c, hidden_c),
+                "specialist_dice": dice(spec_c, hidden_c),
+                "pseudo_dice_certain": float("nan"),
+                "specialist_dice_certain": float("nan"),
+                "certain_fraction": float("nan"),
+            }
+            if certain is not None:
+                row["pseudo_dice_certain"] = dice(pseudo_c & certain, hidden_c & certain)
+                row["specialist_dice_certain"] = dice(spec_c & certain, hidden_c & certain)
+                if pseudo_c.any():
+                    row["certain_fraction"] = float(certain[pseudo_c].mean())
+            rows.append(row)
     return pd.DataFrame(rows)

@@ -193,3 +193,87 @@ def prompts_for_slice(
 def summarize_prompts(prompts: list[SlicePrompt]) -> str:
     """A compact JSON string (a list of :meth:`SlicePrompt.summary` records) for the manifest."""
     return json.dumps([p.summary() for p in prompts], separators=(",", ":"))
+
+
+# -- the prompt ensemble (prompts.ensemble > 1) ------------------------------------------------------
+def specialist_region(probs: np.ndarray, class_ids: list[int], threshold: float) -> np.ndarray:
+    """The specialist's label map at another threshold: uint8 (H, W), the most probable foreground class of
+    ``class_ids`` where its probability reaches ``threshold``, else 0.
+
+    probs: float (C, H, W), the specialist's softmax incl. background (index = class id). At threshold 0.5
+    this is the argmax map wherever one class holds the majority; lower thresholds grow the regions (and
+    can join pieces into another largest component), higher ones shrink them.
+    """
+    probs = np.asarray(probs)
+    ids = np.asarray(class_ids, dtype=np.int64)
+    if probs.ndim != 3 or len(ids) == 0:
+        raise ValueError(f"probs must be (C, H, W) with foreground classes, got {probs.shape} and {class_ids}")
+    fg = probs[ids]                                     # (K, H, W)
+    best = fg.argmax(0)
+    top = np.take_along_axis(fg, best[None], 0)[0]
+    return np.where(top >= threshold, ids[best], 0).astype(np.uint8)
+
+
+def _jitter_points(points_xy: np.ndarray, labels: np.ndarray, cls: np.ndarray, shift: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Move each point by up to ``shift`` pixels in x and y; a positive that would leave ``cls`` (bool
+    (H, W), the class region it was drawn from) or a negative that would enter it stays where it was."""
+    if shift <= 0 or len(points_xy) == 0:
+        return points_xy
+    h, w = cls.shape
+    moved = points_xy + rng.integers(-shift, shift + 1, size=points_xy.shape)
+    moved[:, 0] = np.clip(moved[:, 0], 0, w - 1)
+    moved[:, 1] = np.clip(moved[:, 1], 0, h - 1)
+    inside = cls[moved[:, 1].astype(np.int64), moved[:, 0].astype(np.int64)]
+    ok = np.where(labels == 1, inside, ~inside)
+    return np.where(ok[:, None], moved, points_xy).astype(np.float32)
+
+
+def _jitter_box(box: np.ndarray | None, shift: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray | None:
+    """Grow or shrink each side of an inclusive XYXY box by up to ``shift`` pixels (margin drawn from
+    box_margin +- shift per side), clipped to the slice and never inverted."""
+    if box is None or shift <= 0:
+        return box
+    h, w = shape
+    d = rng.integers(-shift, shift + 1, size=4)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, y0 = np.clip(x0 - d[0], 0, w - 1), np.clip(y0 - d[1], 0, h - 1)
+    x1, y1 = np.clip(x1 + d[2], 0, w - 1), np.clip(y1 + d[3], 0, h - 1)
+    return np.array([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], dtype=np.float32)
+
+
+def ensemble_prompts(pred: np.ndarray, probs: np.ndarray | None, class_ids: list[int], cfg: PromptConfig,
+                     rng: np.random.Generator, perturb_rng: np.random.Generator,
+                     class_logits: np.ndarray | None = None) -> list[list[SlicePrompt]]:
+    """``cfg.ensemble`` prompt sets for one slice, member 0 first.
+
+    Member 0 is :func:`prompts_for_slice` on ``pred`` with ``rng``: exactly the prompts of an ensemble of
+    one (``perturb_rng`` is not touched for it, so ``rng`` advances the same way). Members 1..N-1 (all
+    their randomness from ``perturb_rng``): the class region is the specialist's probability ``probs``
+    (float (C, H, W) softmax) re-thresholded at 0.5 +- ``threshold_jitter`` (:func:`specialist_region`),
+    prompts are built from it with fresh random positives and negatives, then every point moves by up
+    to ``point_jitter`` pixels (staying on its side of the region) and every box side by up to
+    ``box_margin_jitter``. A member may prompt a class member 0 does not, or miss one: that is part of
+    the spread the ensemble measures.
+    """
+    members = [prompts_for_slice(pred, class_ids, cfg, rng, class_logits)]
+    if cfg.ensemble == 1:
+        return members
+    if probs is None:
+        raise ValueError("an ensemble of prompts needs the specialist's probabilities (probs)")
+    shape = pred.shape
+    for _ in range(1, cfg.ensemble):
+        threshold = 0.5 + float(perturb_rng.uniform(-cfg.threshold_jitter, cfg.threshold_jitter))
+        region = specialist_region(probs, class_ids, threshold)
+        member = []
+        for p in prompts_for_slice(region, class_ids, cfg, perturb_rng, class_logits):
+            member.append(SlicePrompt(
+                class_id=p.class_id,
+                points_xy=_jitter_points(p.points_xy, p.point_labels, region == p.class_id, cfg.point_jitter,
+                                         perturb_rng),
+                point_labels=p.point_labels,
+                box_xyxy=_jitter_box(p.box_xyxy, cfg.box_margin_jitter, shape, perturb_rng),
+                mask_logits=p.mask_logits,
+            ))
+        members.append(member)
+    return members

@@ -31,13 +31,15 @@ def rounds_table(summaries) -> str:
 
 def inspect_frame(store_root: Path) -> pd.DataFrame:
     """Per round: cases, slices, prompted slices, pseudo-label foreground fraction, generalist score
-    distribution over prompted slices, foreground Dice agreement with the specialist, and embeddings
-    cached / prompted slices (``-`` for a generalist without embeddings: the random walker)."""
+    distribution over prompted slices, foreground Dice agreement with the specialist, embeddings
+    cached / prompted slices (``-`` for a generalist without embeddings: the random walker), and with a
+    prompt ensemble its size and the mean uncertainty where any member says foreground."""
     if not PseudoLabelStore(store_root).parts():  # a clear error if this is not a store
         return pd.DataFrame()
     ddf = open_manifest(store_root)
+    ensemble_cols = [c for c in ("ensemble", "fg_uncertainty") if c in ddf.columns]  # absent in older stores
     m = ddf[["round", "case_id", "num_prompts", "score_mean", "pseudo_fg_fraction", "specialist_fg_fraction",
-             "agreement_dice", "embedding_cached", "generalist"]].compute()
+             "agreement_dice", "embedding_cached", "generalist", *ensemble_cols]].compute()
     rows = []
     for r, g in m.groupby("round"):
         p = g[g["num_prompts"] > 0]
@@ -56,6 +58,8 @@ def inspect_frame(store_root: Path) -> pd.DataFrame:
             "agreement": p["agreement_dice"].mean(),
             "cached": _cached_text(p),
         })
+        if "ensemble" in g and (g["ensemble"] > 1).any():  # a prompt ensemble: its size and spread
+            rows[-1].update({"ensemble": int(g["ensemble"].max()), "fg_uncertainty": p["fg_uncertainty"].mean()})
     return pd.DataFrame(rows)
 
 

@@ -10,6 +10,8 @@ Layout (declared here once; ``STORE_FORMAT`` is bumped on any change)::
             pseudo_label   uint8  (S, H, W)   the generalist's label map (0 = background), one chunk
             specialist     uint8  (S, H, W)   the specialist's argmax that prompted it
             scores         float32 (S, K)     generalist score per slice and foreground class (NaN: not prompted)
+            uncertainty    float16 (S, H, W)  only with a prompt ensemble (prompts.ensemble > 1): the fraction
+                                              of members that disagree with the pseudo-label, 0 = all agree
       manifest/                            a Parquet dataset: one row per (round, case_id, slice)
         part-r001-<ns>-<id>.parquet        immutable parts, each written whole and atomically (fastparquet)
 
@@ -63,7 +65,14 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "specialist_fg_fraction": "float64",
     "agreement_dice": "float64",    # foreground Dice between pseudo-label and specialist (NaN: both empty)
     "embedding_cached": "bool",     # the slice's embedding came from the cache (False: computed now)
+    "ensemble": "int32",            # prompt sets decoded for the slice (prompts.ensemble); "prompts" is member 0
+    "ensemble_prompts": "object",   # JSON: the prompts of members 1..N-1 ("[]" for one set)
+    "uncertain_fraction": "float64",  # share of the slice's pixels where a member disagrees (NaN: one set)
+    "fg_uncertainty": "float64",    # mean uncertainty over pixels any member calls foreground (NaN: none / one set)
 }
+OPTIONAL_COLUMNS: dict[str, object] = {"ensemble": 1, "ensemble_prompts": "[]", "uncertain_fraction": float("nan"),
+                                       "fg_uncertainty": float("nan")}
+"""Columns added after format 2 was first written, with the value older parts stand for (one prompt set)."""
 
 
 def round_key(round_index: int) -> str:
@@ -124,8 +133,9 @@ class PseudoLabelStore:
         g.attrs.update({"round": round_index, "checkpoint_version": checkpoint_version, "generalist": generalist})
 
     def write_case(self, round_index: int, case_id: str, pseudo_label: np.ndarray, specialist: np.ndarray,
-                   scores: np.ndarray, attrs: dict) -> None:
-        """Write (or replace) one case's arrays of a round. pseudo_label/specialist uint8 (S, H, W), scores (S, K).
+                   scores: np.ndarray, attrs: dict, uncertainty: np.ndarray | None = None) -> None:
+        """Write (or replace) one case's arrays of a round. pseudo_label/specialist uint8 (S, H, W), scores (S, K),
+        uncertainty float (S, H, W) or None (one prompt set: no array; a stale one is removed).
 
         Every chunk is written, also an all-background one (``write_empty_chunks``), so a case's presence
         is a listing of its files (``case_status``)."""
@@ -146,15 +156,26 @@ class PseudoLabelStore:
         a = g.create_array("scores", shape=scores.shape, chunks=scores.shape, dtype="float32",
                            fill_value=float("nan"), overwrite=True, config=full)
         a[...] = scores.astype(np.float32)
+        if uncertainty is not None:
+            if uncertainty.shape != pseudo_label.shape:
+                raise ValueError(f"{case_id}: uncertainty {uncertainty.shape} differs from pseudo {pseudo_label.shape}")
+            a = g.create_array("uncertainty", shape=(s, h, w), chunks=(s, h, w), dtype="float16", fill_value=0,
+                               overwrite=True, config=full)
+            a[...] = uncertainty.astype(np.float16)
+        elif "uncertainty" in g:
+            del g["uncertainty"]
         g.attrs.update({**attrs, "case_id": case_id, "round": round_index,
                         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
     def read_case(self, round_index: int, case_id: str) -> dict:
-        """{"pseudo_label", "specialist": uint8 (S, H, W), "scores": float32 (S, K), "attrs": dict}."""
+        """{"pseudo_label", "specialist": uint8 (S, H, W), "scores": float32 (S, K), "attrs": dict,
+        "uncertainty": float32 (S, H, W) or None (no prompt ensemble)}."""
         key = f"{round_key(round_index)}/{check_case_id(case_id)}"
         try:
             g = self.group[key]
             out = {name: np.asarray(g[name][...]) for name in ARRAYS}
+            out["uncertainty"] = (np.asarray(g["uncertainty"][...], dtype=np.float32)
+                                  if "uncertainty" in g.array_keys() else None)
         except KeyError:
             raise StoreError(f"store {self.loc} has no masks for case {case_id} in round {round_index} "
                              f"(missing or deleted; `semisam run` on the run folder redoes it)") from None
@@ -207,10 +228,11 @@ class PseudoLabelStore:
         (reads the parts of those rounds). Without it the caller guarantees the cases are new.
         """
         if isinstance(rows, list):  # a dict missing a key would otherwise become a silent NaN in the frame
+            required = set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS)
             for i, row in enumerate(rows):
-                if set(row) != set(MANIFEST_COLUMNS):
+                if not required <= set(row) <= set(MANIFEST_COLUMNS):
                     raise StoreError(f"manifest row {i} ({row.get('case_id')!r}, slice {row.get('slice')}) has "
-                                     f"missing columns {sorted(set(MANIFEST_COLUMNS) - set(row))} / "
+                                     f"missing columns {sorted(required - set(row))} / "
                                      f"unknown columns {sorted(set(row) - set(MANIFEST_COLUMNS))}")
         new = _typed(pd.DataFrame(rows))
         if new.empty:
@@ -267,6 +289,11 @@ def _read_part(part: Location) -> pd.DataFrame:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    for col, default in OPTIONAL_COLUMNS.items():  # parts written before these columns existed
+        if col not in df.columns:
+            df = df.assign(**{col: default})
+        elif df[col].isna().any():
+            df = df.assign(**{col: df[col].where(df[col].notna(), default)})
     missing = set(MANIFEST_COLUMNS) - set(df.columns)
     extra = set(df.columns) - set(MANIFEST_COLUMNS)
     if missing or extra:

@@ -23,16 +23,21 @@ def _cell(row: str, k: int, seed: int, dice1: float, audit: list[tuple[int, floa
 
 def test_cell_config_applies_the_row_and_the_budget(tmp_path):
     data = quality.DEFAULT_DATA
-    cfg = quality.cell_config(2, "uamt+semisam", 1, data, tmp_path, [])
-    assert (cfg.data.num_labeled, cfg.seed, cfg.train.method) == (2, 1, "uamt")
+    cfg = quality.cell_config(2, "mean_teacher+semisam_official", 1, data, tmp_path, [])
+    assert (cfg.data.num_labeled, cfg.seed, cfg.train.method) == (2, 1, "mean_teacher")
     assert cfg.train.pseudo_label.enabled and cfg.eval.audit_pseudo_labels
+    pl = cfg.train.pseudo_label
+    assert (pl.loss, pl.schedule, pl.weight) == ("mse", "down", 0.05)  # the official form
     assert (cfg.rounds, cfg.train.iterations) == (3, 200)
-    assert cfg.run_dir == tmp_path / "k002-uamt-semisam-s1"
+    assert cfg.run_dir == tmp_path / "k002-mean_teacher-semisam_official-s1"
+    ens = quality.cell_config(4, "mean_teacher+semisam+ensemble", 0, data, tmp_path, [])
+    assert ens.prompts.ensemble > 1 and ens.train.pseudo_label.uncertainty_weighting
+    assert ens.train.pseudo_label.loss == "ce_dice"
     plain = quality.cell_config(2, "mean_teacher", 1, data, tmp_path, [])
     assert not plain.train.pseudo_label.enabled and plain.train.method == "mean_teacher"
     # every row of a k shares everything but the method keys
     a, b = cfg.model_dump(), plain.model_dump()
-    for key in ("model", "data", "rounds", "prompts", "generalist"):
+    for key in ("model", "data", "rounds", "generalist"):
         assert a[key] == b[key], key
     for key in ("iterations", "labeled_batch_size", "unlabeled_batch_size", "lr", "augment"):
         assert a["train"][key] == b["train"][key], key
@@ -66,7 +71,7 @@ def test_aggregate_mean_std_over_seeds_and_audit_per_round(tmp_path):
     assert [a["round"] for a in audit] == [1, 2]
     assert audit[0]["pseudo_dice"]["mean"] == pytest.approx(0.4)
     text = quality.markdown(table)
-    assert "**0.500 ± 0.100**" in text and "| 1 | mean_teacher+semisam | 1 | 0.400 ± 0.100 | 0.500 ± 0.000 | -0.100 |" in text
+    assert "**0.500 ± 0.100**" in text and "| 1 | mean_teacher+semisam | 1 | 0.400 ± 0.100 | - | 0.500 ± 0.000 | -0.100 |" in text
     paths = quality.plot(table, tmp_path / "fig")
     assert [p.name for p in paths] == ["quality_dice_vs_k.png", "quality_pseudo_label_dice.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
@@ -80,3 +85,20 @@ def test_update_docs_replaces_only_the_marked_table(tmp_path):
     plain = tmp_path / "c.md"
     plain.write_text("no markers\n")
     assert not quality.update_docs(plain, "x") and plain.read_text() == "no markers\n"
+
+
+def test_paired_differences_call_a_gain_only_outside_the_noise():
+    cells = []
+    for seed, (base, small, big) in enumerate([(0.60, 0.63, 0.70), (0.70, 0.68, 0.81), (0.65, 0.69, 0.74),
+                                               (0.62, 0.61, 0.73), (0.66, 0.70, 0.77)]):
+        cells += [_cell("supervised", 4, seed, base), _cell("mean_teacher", 4, seed, small),
+                  _cell("uamt", 4, seed, big)]
+    pairs = {(c["row"], c["baseline"]): c for c in quality.paired(cells)}
+    mt = pairs[("mean_teacher", "supervised")]
+    assert mt["differences"] == [0.03, -0.02, 0.04, -0.01, 0.04]
+    assert mt["mean"] == pytest.approx(0.016) and mt["verdict"] == "within noise"
+    assert mt["ci95"][0] < 0 < mt["ci95"][1] and 0.05 < mt["p_paired_t"] < 1
+    ua = pairs[("uamt", "supervised")]
+    assert ua["mean"] == pytest.approx(0.104) and ua["verdict"] == "gain" and ua["p_paired_t"] < 0.001
+    text = quality.paired_markdown(list(pairs.values()))
+    assert "| 4 | uamt | supervised | 5 | +0.100 +0.110 +0.090 +0.110 +0.110 | +0.104" in text and "**gain**" in text

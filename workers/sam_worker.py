@@ -111,7 +111,8 @@ class SamWorker:
             "generalist": self.generalist.name,
             "slice_axis": self.cfg.data.slice_axis,
             "volume_shape": list(image.shape),
-        })
+            "ensemble": self.cfg.prompts.ensemble,
+        }, uncertainty=out.uncertainty)
         return out.rows
 
     def stats(self) -> dict:

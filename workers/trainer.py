@@ -81,7 +81,8 @@ class TrainerWorker:
         ids = [v.case_id for v in self.unlabeled] if case_ids is None else list(case_ids)
         return load_pseudo_labels(PseudoLabelStore(self.cfg.run_dir / "pseudo_labels"), round_index, ids,
                                   self.cfg.data.slice_axis, self.cfg.train.pseudo_label.min_sam_score,
-                                  self.cfg.train.pseudo_label.consensus_only)
+                                  self.cfg.train.pseudo_label.consensus_only,
+                                  self.cfg.train.pseudo_label.uncertainty_weighting)
 
     def train_round(self, round_index: int, pseudo_round: int | None, pseudo_cases: list[str] | None = None) -> dict:
         pseudo = self.load_pseudo_labels(pseudo_round, pseudo_cases) if pseudo_round is not None else None

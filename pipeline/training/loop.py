@@ -51,8 +51,9 @@ class PseudoLabel:
     """Stored generalist masks of an unlabeled case, in the volume's axis order.
 
     labels uint8 (X, Y, Z); slice_weight float32 (S,) along ``slice_axis``: 1 keeps a slice, 0 drops it
-    (gating by generalist score, decided when the pseudo-labels are loaded); voxel_weight bool (X, Y, Z)
-    or None: voxels to keep (the consensus gate), multiplied with the slice weight.
+    (gating by generalist score, decided when the pseudo-labels are loaded); voxel_weight float32 (X, Y, Z)
+    in [0, 1] or None: per-voxel weights (the consensus gate's 0/1, the prompt ensemble's certainty),
+    multiplied with the slice weight.
     """
 
     labels: np.ndarray

@@ -1,10 +1,12 @@
-"""Loading the stored generalist masks for training, with the per-slice score gate and the optional
-voxel gate on agreement with the specialist."""
+"""Loading the stored generalist masks for training, with the per-slice score gate, the optional
+voxel gate on agreement with the specialist, and the optional voxel weights from the prompt
+ensemble's certainty."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import StoreError
 from pipeline.store import PseudoLabelStore
 from pipeline.training.loop import PseudoLabel
 
@@ -18,7 +20,8 @@ def slice_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores: np.ndarray, slice_axis: int,
-                       min_score: float, consensus_only: bool = False) -> PseudoLabel:
+                       min_score: float, consensus_only: bool = False,
+                       uncertainty: np.ndarray | None = None) -> PseudoLabel:
     """One case's relabel output (``pseudo_label``, ``specialist`` uint8 (S, H, W) slice-first, ``scores``
     float32 (S, K)) as a training :class:`PseudoLabel` in volume axis order, with slice weights 1/0.
 
@@ -26,22 +29,36 @@ def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores:
     itself predicted there. A prompted slice is kept when its mean score reaches ``min_score``.
     ``consensus_only``: voxels where the pseudo-label differs from the specialist prediction stored with
     it (the one its prompts came from) get weight 0 (``PseudoLabel.voxel_weight``).
+    ``uncertainty`` float (S, H, W) (the prompt ensemble's disagreement, slice-first): every voxel is
+    weighted by 1 - uncertainty, times the consensus gate when both are on.
     """
     mean = slice_scores(scores)
     keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
     labels = np.moveaxis(pseudo_label, 0, slice_axis)
     voxel = None
     if consensus_only:
-        voxel = np.ascontiguousarray(np.moveaxis(pseudo_label == specialist, 0, slice_axis))
+        voxel = (pseudo_label == specialist).astype(np.float32)
+    if uncertainty is not None:
+        certainty = np.clip(1.0 - np.asarray(uncertainty, np.float32), 0.0, 1.0)
+        voxel = certainty if voxel is None else voxel * certainty
+    if voxel is not None:
+        voxel = np.ascontiguousarray(np.moveaxis(voxel, 0, slice_axis))
     return PseudoLabel(np.ascontiguousarray(labels), keep, voxel)
 
 
 def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
-                       min_score: float, consensus_only: bool = False) -> dict[str, PseudoLabel]:
-    """The masks of ``round_index`` for ``case_ids`` from the store, gated as :func:`gated_pseudo_label`."""
+                       min_score: float, consensus_only: bool = False,
+                       uncertainty_weighting: bool = False) -> dict[str, PseudoLabel]:
+    """The masks of ``round_index`` for ``case_ids`` from the store, gated as :func:`gated_pseudo_label`;
+    with ``uncertainty_weighting`` each case must have its ensemble ``uncertainty`` array."""
     out = {}
     for case_id in case_ids:
         stored = store.read_case(round_index, case_id)
+        if uncertainty_weighting and stored["uncertainty"] is None:
+            raise StoreError(f"case {case_id} in round {round_index} of {store.loc} has no uncertainty array (it "
+                             "was relabeled with one prompt set): train.pseudo_label.uncertainty_weighting needs "
+                             "prompts.ensemble > 1 when the round is relabeled")
         out[case_id] = gated_pseudo_label(stored["pseudo_label"], stored["specialist"], stored["scores"],
-                                          slice_axis, min_score, consensus_only)
+                                          slice_axis, min_score, consensus_only,
+                                          stored["uncertainty"] if uncertainty_weighting else None)
     return out
