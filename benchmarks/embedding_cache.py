@@ -74,15 +74,10 @@ def run_config(name: str, method: str, seed: int, k: int, data: Path, out: Path,
 
 def run_one(cfg) -> dict:
     """One run to the end: its SAM actors' counters and its relabel rounds' summaries."""
-    from pipeline.coordinator import Coordinator
+    from pipeline.coordinator import run_with_stats
 
     start = time.perf_counter()
-    coordinator = Coordinator(cfg)
-    try:
-        summaries = coordinator.run()
-        stats = coordinator.worker_stats()
-    finally:
-        coordinator.shutdown()
+    summaries, stats = run_with_stats(cfg)
     relabel = [s.relabel for s in summaries if s.relabel]
     return {
         "run": cfg.name, "seconds": round(time.perf_counter() - start, 2),

@@ -105,7 +105,9 @@ def cell_name(k: int, row: str, seed: int) -> str:
 def cell_overrides(k: int, row: str, seed: int, data: Path, workdir: Path, extra: list[str]) -> list[str]:
     """Every override of ``conf/hippocampus.yaml`` that makes the cell (k, row, seed)."""
     overrides = [*BUDGET, *ROWS[row], f"data.num_labeled={k}", f"seed={seed}", f"name={cell_name(k, row, seed)}",
-                 f"output_dir={workdir}", f"data.root={data}", f"data.split_file={data / 'splits.json'}", *extra]
+                 f"output_dir={workdir}", f"data.root={data}", f"data.split_file={data / 'splits.json'}",
+                 # one embedding cache for every cell (used with a SAM generalist: --set generalist.backend=sam ...)
+                 f"generalist.cache_dir={workdir / 'embedding_cache'}", *extra]
     if row in FULL_ROWS:
         overrides.append("eval.audit_pseudo_labels=false")
     return overrides
@@ -130,8 +132,8 @@ def audit_means(run_dir: Path) -> list[dict]:
         for cid, g in a.groupby("class_id"):
             row[f"pseudo_dice_class{cid}"] = float(g["pseudo_dice"].mean())
             row[f"specialist_dice_class{cid}"] = float(g["specialist_dice"].mean())
-        for col in ("pseudo_dice_certain", "certain_fraction"):  # prompt-ensemble rows only
-            if col in a:
+        for col in ("pseudo_dice_certain", "specialist_dice_certain", "certain_fraction"):  # ensemble rows only
+            if col in a and a[col].notna().any():
                 row[col] = float(np.nanmean(a[col]))
         rows.append(row)
     return rows
@@ -229,13 +231,14 @@ def markdown(table: list[dict]) -> str:
                      f"{_ms(e['dice_class2'])} | {_ms(e['jaccard'])} | {_ms(e['jaccard_class1'])} | "
                      f"{_ms(e['jaccard_class2'])} | {_ms(e[f'hd95_{u}'], 2)} {u} | {_ms(e[f'asd_{u}'], 2)} {u} |")
     lines += ["", "Pseudo-label audit (unlabeled cases, against their hidden labels; mean over cases and classes):",
-              "", "| k | row | round | pseudo-label Dice | on certain voxels (their fraction) | specialist Dice | "
+              "", "| k | row | round | pseudo-label Dice | on certain voxels: pseudo vs specialist (certain share) | "
+              "specialist Dice | "
               "difference |", "|---|---|---|---|---|---|---|"]
     for e in table:
         for a in e["audit"]:
             diff = a["pseudo_dice"]["mean"] - a["specialist_dice"]["mean"]
-            certain = (f"{_ms(a['pseudo_dice_certain'])} ({a['certain_fraction']['mean']:.3f})"
-                       if "pseudo_dice_certain" in a else "-")
+            certain = (f"{_ms(a['pseudo_dice_certain'])} vs {_ms(a['specialist_dice_certain'])} "
+                       f"({a['certain_fraction']['mean']:.3f})" if "specialist_dice_certain" in a else "-")
             lines.append(f"| {e['k']} | {e['row']} | {a['round']} | {_ms(a['pseudo_dice'])} | {certain} | "
                          f"{_ms(a['specialist_dice'])} | {diff:+.3f} |")
     return "\n".join(lines) + "\n"

@@ -564,8 +564,15 @@ class Coordinator:
 
 def run(cfg: RunConfig, on_event=None) -> list[RoundSummary]:
     """Run (or resume) a whole run; the Ray cluster is started here if none is reachable."""
+    return run_with_stats(cfg, on_event)[0]
+
+
+def run_with_stats(cfg: RunConfig, on_event=None) -> tuple[list[RoundSummary], list[dict]]:
+    """:func:`run`, plus each live SAM actor's counters (``SamWorker.stats``: encoder/decoder calls, cache
+    hits, seconds), read before the actors are shut down (tests and benchmarks count these)."""
     coordinator = Coordinator(cfg, on_event)
     try:
-        return coordinator.run()
+        summaries = coordinator.run()
+        return summaries, coordinator.worker_stats()
     finally:
         coordinator.shutdown()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
+import fsspec
 import pytest
 import ray
 
@@ -51,6 +54,37 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def moto_s3(*buckets: str):
+    """A moto S3 server on 127.0.0.1 (server mode, a real HTTP endpoint) with ``buckets`` created, and the
+    AWS environment pointing at it for the duration (actors started meanwhile inherit it). Skips the test
+    when moto/boto3 (dev dependencies) are absent."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
+    boto3 = pytest.importorskip("boto3")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    # fsspec caches filesystem instances by their arguments, and an S3 instance keeps the endpoint it was
+    # created with: without this a second server (another port) would be reached through the first's
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    try:
+        for bucket in buckets:
+            boto3.client("s3").create_bucket(Bucket=bucket)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.cli import main as cli_main
 from pipeline.config import config_from_dict
-from pipeline.coordinator import Coordinator
+from pipeline.coordinator import Coordinator, run_with_stats
 from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.store import PseudoLabelStore, open_manifest, open_masks
@@ -32,12 +32,7 @@ def finished_run(ray_cluster, synthetic_root, tiny_sam_checkpoint, tmp_path_fact
     """Run 3 rounds (0: train; 1, 2: relabel + train); keep the coordinator's worker stats."""
     run_root = tmp_path_factory.mktemp("runs")
     cfg = config_from_dict(small_config_dict(synthetic_root, run_root, tiny_sam_checkpoint))
-    coordinator = Coordinator(cfg)
-    try:
-        summaries = coordinator.run()
-        stats = coordinator.worker_stats()
-    finally:
-        coordinator.shutdown()
+    summaries, stats = run_with_stats(cfg)
     split = resolve_split(cfg.data, read_dataset_info(cfg.data.root))
     return cfg, summaries, stats, split
 

@@ -22,7 +22,7 @@ import yaml
 import zarr
 
 from pipeline.config import SamConfig, config_from_dict, load_config
-from pipeline.coordinator import Coordinator
+from pipeline.coordinator import run_with_stats
 from pipeline.generalist.cache import NAME_HEX, EmbeddingCache, cache_key, image_sha256
 from pipeline.generalist.sam import (
     SamGeneralist,
@@ -33,7 +33,7 @@ from pipeline.generalist.sam import (
 )
 from pipeline.storage import Location, file_sha256
 from pipeline.store import PseudoLabelStore
-from tests.conftest import small_config_dict
+from tests.conftest import moto_s3, small_config_dict
 
 CPU = torch.device("cpu")
 
@@ -305,17 +305,7 @@ def _assert_all_cached(root, key, fields, vol, case_id, slices=None) -> None:
 
 # -- object storage -----------------------------------------------------------------------------------------
 def test_shared_cache_on_s3(tmp_path):
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
-    boto3 = pytest.importorskip("boto3")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3").create_bucket(Bucket="sam-cache")
+    with moto_s3("sam-cache"):
         vol, fields = _volume(s=4), _fields()
         url = "s3://sam-cache/embeddings"
         first = EmbeddingCache(url, cache_key(fields), key_fields=fields)
@@ -326,13 +316,6 @@ def test_shared_cache_on_s3(tmp_path):
         embed = CountingEmbed()
         _, cached = EmbeddingCache(url, cache_key(fields), key_fields=fields).get("case_a", changed, [0, 1], embed)
         assert cached == set() and embed.slices == 2
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 # -- (f) two runs share one cache_dir, end to end on Ray ---------------------------------------------------
@@ -345,12 +328,7 @@ def test_two_runs_share_one_cache_dir(ray_cluster, synthetic_root, tiny_sam_chec
                                  rounds=2, workers={"sam": {"num_workers": 1, "num_cpus": 0.5, "torch_threads": 1}})
         tree["generalist"]["cache_dir"] = str(cache_dir)
         cfg = config_from_dict(tree)
-        coordinator = Coordinator(cfg)
-        try:
-            summaries = coordinator.run()
-            stats = coordinator.worker_stats()
-        finally:
-            coordinator.shutdown()
+        summaries, stats = run_with_stats(cfg)
         m = PseudoLabelStore(cfg.run_dir / "pseudo_labels").manifest(1)
         prompted = m[m["num_prompts"] > 0]
         results[name] = (cfg, summaries[1].relabel, stats, set(zip(prompted["case_id"], prompted["slice"], strict=True)))

@@ -19,12 +19,12 @@ from pipeline.coordinator import Coordinator, run
 from pipeline.errors import StoreError
 from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore, open_manifest, open_masks
-from tests.conftest import small_config_dict
+from tests.conftest import moto_s3, small_config_dict
 
 pytestmark = pytest.mark.ray
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
-boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
+pytest.importorskip("boto3")
 
 BUCKET = "semisam-runs"
 
@@ -33,23 +33,10 @@ BUCKET = "semisam-runs"
 def s3():
     """A moto S3 server on 127.0.0.1 and the AWS environment pointing at it (set before Ray starts, so
     the actors inherit it like nodes configured with credentials)."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield f"s3://{BUCKET}"
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with moto_s3(BUCKET):
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield f"s3://{BUCKET}"
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ def test_cell_config_applies_the_row_and_the_budget(tmp_path):
     assert (pl.loss, pl.schedule, pl.weight) == ("mse", "down", 0.05)  # the official form
     assert (cfg.rounds, cfg.train.iterations) == (3, 200)
     assert cfg.run_dir == tmp_path / "k002-mean_teacher-semisam_official-s1"
+    assert cfg.generalist.cache_dir == str(tmp_path / "embedding_cache")  # one cache for all cells
     ens = quality.cell_config(4, "mean_teacher+semisam+ensemble", 0, data, tmp_path, [])
+    assert ens.generalist.cache_dir == cfg.generalist.cache_dir
     assert ens.prompts.ensemble > 1 and ens.train.pseudo_label.uncertainty_weighting
     assert ens.train.pseudo_label.loss == "ce_dice"
     plain = quality.cell_config(2, "mean_teacher", 1, data, tmp_path, [])
