@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 from pipeline.storage import Location, is_url
@@ -500,6 +508,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             value = absolute_paths({"v": value}, Path.cwd(), ("v",))["v"]
         _set_dotted(tree, key, value)
     return config_from_dict(tree, source=str(path))
+
+
+def with_defaults(tree: dict, model: type[BaseModel] = RunConfig) -> dict:
+    """A saved config tree (e.g. the ``config.yaml`` of a run folder written by an older semisam) with every
+    key it lacks filled in with this version's default, as JSON values, section by section. Settings added
+    later stand for the behaviour the older version had at their default, so comparing a saved config with
+    a new one after this counts only real changes."""
+    out = dict(tree)
+    for name, field in model.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if name not in out:
+            if not field.is_required():
+                out[name] = TypeAdapter(field.annotation).dump_python(
+                    field.get_default(call_default_factory=True), mode="json")
+        elif sub is not None and isinstance(out[name], dict):
+            out[name] = with_defaults(out[name], sub)
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -38,7 +38,7 @@ import yaml
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from pipeline.checkpoint import checkpoint_path
-from pipeline.config import RunConfig, dump_config, with_absolute_paths
+from pipeline.config import RunConfig, dump_config, with_absolute_paths, with_defaults
 from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.data.validate import validate_cases
@@ -135,7 +135,7 @@ def prepare_run_dir(cfg: RunConfig) -> dict:
     run_dir = cfg.run_dir
     saved_cfg = run_dir / "config.yaml"
     if saved_cfg.exists():
-        old = yaml.safe_load(saved_cfg.read_text())
+        old = with_defaults(yaml.safe_load(saved_cfg.read_text()))  # keys added since: their defaults
         new = cfg.model_dump(mode="json")
         changed = [k for k in _diff_keys(old, new) if k.split(".")[0] not in RESUMABLE_CHANGES]
         if changed:
@@ -339,7 +339,7 @@ class Coordinator:
         where = f"train.init_from={src}"
         if not (src_run / "config.yaml").exists():
             raise ConfigError(f"{where}: {src_run} is not a run folder (no config.yaml)")
-        theirs = yaml.safe_load((src_run / "config.yaml").read_text())
+        theirs = with_defaults(yaml.safe_load((src_run / "config.yaml").read_text()))
         mine = self.cfg.model_dump(mode="json")
         free = {"pseudo_label", "init_from", "progress_seconds", "log_every"}
         diffs = [k for k in ("data", "model", "seed") if theirs.get(k) != mine.get(k)]

@@ -305,3 +305,26 @@ def test_relative_paths_resolve_against_the_config_file_and_overrides_against_cw
     cfg = load_config(conf / "c.yaml", ["data.root=mine", "output_dir=s3://bucket/runs"])
     assert cfg.data.root == elsewhere / "mine"
     assert cfg.output_dir == "s3://bucket/runs" and str(cfg.run_dir) == "s3://bucket/runs/run"
+
+
+def test_a_run_folder_from_before_a_new_setting_resumes_and_real_changes_are_refused(synthetic_root, tmp_path):
+    """A run folder written before a setting existed (its config.yaml lacks the key) resumes: the setting's
+    default is what the older version did. A changed value is still refused, by name."""
+    import yaml
+
+    from pipeline.coordinator import prepare_run_dir
+    from tests.conftest import small_config
+
+    cfg = small_config(synthetic_root, tmp_path)
+    prepare_run_dir(cfg)
+    saved = cfg.run_dir / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    for key in ("ensemble", "point_jitter", "box_margin_jitter", "threshold_jitter"):
+        del old["prompts"][key]              # as written before the prompt ensemble existed
+    del old["train"]["pseudo_label"]["uncertainty_weighting"]
+    saved.write_text(yaml.safe_dump(old))
+    prepare_run_dir(cfg)                      # resumes
+    assert yaml.safe_load(saved.read_text())["prompts"]["ensemble"] == 1
+    saved.write_text(yaml.safe_dump(old))  # the old folder again; now resumed with a real change
+    with pytest.raises(ConfigError, match=r"differs in: prompts\.ensemble\)"):
+        prepare_run_dir(small_config(synthetic_root, tmp_path, prompts={"ensemble": 3}))
