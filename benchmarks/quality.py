@@ -195,10 +195,11 @@ def paired(cells: list[dict], metric: str = "dice") -> list[dict]:
     """Seed-by-seed differences of ``metric`` for every (row, baseline) of :data:`COMPARISONS` and every k
     where both ran with at least two common seeds: the differences, their mean and sample std, the 95%
     confidence interval of the mean (Student t, n-1 degrees of freedom), the paired t-test's two-sided p,
-    and a verdict: ``gain``/``loss`` only when the interval excludes 0, else ``within noise``."""
+    and a verdict: ``gain``/``loss`` only when the interval excludes 0, else ``within noise`` (for HD95/ASD a
+    gain is a decrease). Cells without the metric (another distance unit) are skipped."""
     from scipy import stats
 
-    by = {(c["row"], c["k"], c["seed"]): c["final"][metric] for c in cells}
+    by = {(c["row"], c["k"], c["seed"]): c["final"][metric] for c in cells if metric in c["final"]}
     out = []
     for row, base in COMPARISONS:
         for k in sorted({c["k"] for c in cells}):
@@ -210,7 +211,9 @@ def paired(cells: list[dict], metric: str = "dice") -> list[dict]:
             half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if sd > 0 else 0.0
             p = float(stats.ttest_rel([by[(row, k, s)] for s in seeds], [by[(base, k, s)] for s in seeds]).pvalue) \
                 if sd > 0 else float("nan")
-            verdict = "gain" if mean - half > 0 else "loss" if mean + half < 0 else "within noise"
+            better = -1.0 if metric.startswith(("hd95", "asd")) else 1.0  # distances: lower is better
+            lo, hi = sorted((better * (mean - half), better * (mean + half)))
+            verdict = "gain" if lo > 0 else "loss" if hi < 0 else "within noise"
             out.append({"row": row, "baseline": base, "k": k, "metric": metric, "seeds": seeds,
                         "differences": [round(float(x), 4) for x in d], "mean": mean, "std": sd,
                         "ci95": [mean - half, mean + half], "p_paired_t": p, "verdict": verdict})
@@ -244,9 +247,9 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_markdown(pairs: list[dict]) -> str:
-    """The seed-by-seed comparison table, as Markdown."""
-    lines = ["| k | row | against | seeds | Dice difference per seed | mean ± std | 95% CI | paired t p | verdict |",
+def paired_markdown(pairs: list[dict], label: str = "Dice") -> str:
+    """The seed-by-seed comparison table, as Markdown (``label`` names the metric in its header)."""
+    lines = [f"| k | row | against | seeds | {label} difference per seed | mean ± std | 95% CI | paired t p | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in pairs:
         per = " ".join(f"{x:+.3f}" for x in c["differences"])
@@ -344,14 +347,16 @@ def report(cells_dir: Path, out: Path, figures: Path, docs: Path | None = DOCS) 
     """Aggregate the finished cells into ``out``, draw the plots, refresh the table in ``docs``."""
     cells = load_cells(cells_dir)
     table = aggregate(cells)
-    pairs = paired(cells)
+    pairs, pairs_hd = paired(cells), paired(cells, "hd95_mm")
     atomic_write_text(out, json.dumps({"budget": BUDGET, "rows": ROWS, "config": str(CONFIG.relative_to(ROOT)),
-                                       "table": table, "paired": pairs, "cells": [c["cell"] for c in cells]},
-                                      indent=1))
+                                       "table": table, "paired": pairs, "paired_hd95_mm": pairs_hd,
+                                       "cells": [c["cell"] for c in cells]}, indent=1))
     if table:
         plot(table, figures)
     text = (markdown(table) + "\nSeed-by-seed differences of the test Dice (a gain is called a gain only when "
-            "its 95% interval excludes 0):\n\n" + paired_markdown(pairs) + "\n" + provenance(cells))
+            "its 95% interval excludes 0):\n\n" + paired_markdown(pairs) + "\nThe same for HD95 (mm; lower is "
+            "better, so a gain is a negative difference):\n\n" + paired_markdown(pairs_hd, "HD95")
+            + "\n" + provenance(cells))
     if docs is not None:
         update_docs(docs, text)
     return text
@@ -367,6 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "quality")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true", help="only aggregate the finished cells")
+    p.add_argument("--refresh-audit", action="store_true",
+                   help="first re-read each finished cell's audit from its run folder's audit tables (after a "
+                        "change to what the summary keeps; cells whose run folder is gone are left as they are)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every cell (changes the results: use another --results)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -413,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
                              result["seconds_this_call"])
             finally:
                 ray.shutdown()
+    if args.refresh_audit:
+        for path in sorted(cells_dir.glob("*.json")):
+            cell = json.loads(path.read_text())
+            run_dir = args.workdir / cell["cell"]
+            if (run_dir / "audit").is_dir():
+                cell["audit"] = audit_means(run_dir)
+                atomic_write_text(path, json.dumps(cell, indent=1))
     docs = DOCS if args.results == RESULTS else None  # other experiments (--set) do not touch the docs
     print(report(cells_dir, args.results / "quality.json", FIGURES if docs else args.results / "figures", docs),
           end="")
