@@ -25,7 +25,7 @@ from pipeline.generalist.base import Generalist, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache
 from pipeline.models.inference import predict_volume
 from pipeline.models.unet import UNet
-from pipeline.prompts import ensemble_prompts
+from pipeline.prompts import ensemble_prompts, summarize_prompts
 
 
 @dataclass
@@ -141,7 +141,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
             "checkpoint_version": checkpoint_version,
             "generalist": generalist.name,
             "num_prompts": len(slice_members[0]),
-            "prompts": json.dumps([p.summary() for p in slice_members[0]]),
+            "prompts": summarize_prompts(slice_members[0]),
             "score_mean": float(np.mean(list(score_by_class.values()))) if score_by_class else float("nan"),
             "scores": json.dumps(score_by_class),
             "pseudo_fg_fraction": float((pseudo[s] > 0).mean()),
@@ -166,7 +166,7 @@ def ensemble_columns(members: list[list[SlicePrompt]], uncertainty: np.ndarray |
     fg = (maps > 0).any(0) if maps is not None else np.zeros(uncertainty.shape, bool)
     return {
         "ensemble": n,
-        "ensemble_prompts": json.dumps([[p.summary() for p in m] for m in members[1:]], separators=(",", ":")),
+        "ensemble_prompts": "[" + ",".join(summarize_prompts(m) for m in members[1:]) + "]",
         "uncertain_fraction": float((uncertainty > 0).mean()),
         "fg_uncertainty": float(uncertainty[fg].mean()) if fg.any() else float("nan"),
     }
