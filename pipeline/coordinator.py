@@ -166,8 +166,12 @@ def preflight(cfg: RunConfig):
     info = read_dataset_info(cfg.data.root, cfg.data.format)
     split = resolve_split(cfg.data, info)
     validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels)
-    if cfg.generalist.backend == "sam" and cfg.train.pseudo_label.active and split.unlabeled:
-        check_sam_checkpoint(cfg.generalist.sam)
+    g = cfg.generalist
+    if g.backend == "sam" and cfg.train.pseudo_label.active and split.unlabeled:
+        check_sam_checkpoint(g.sam)
+        if g.cache_embeddings and g.cache_dir:
+            # a shared cache that cannot be written would otherwise show as every case failing in a worker
+            check_writable(Location.of(g.cache_dir, cfg.storage_options), "generalist.cache_dir")
     check_writable(cfg.run_dir)
     if not split.unlabeled and cfg.rounds > 1:
         log.warning("no unlabeled cases: rounds after 0 only train further")

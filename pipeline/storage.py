@@ -236,9 +236,9 @@ def file_sha256(loc: Location, block_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_writable(loc: Location) -> None:
+def check_writable(loc: Location, what: str = "the run folder") -> None:
     """Write, read back and delete a small probe object: bad URLs and missing credentials fail here,
-    before any work, with the cause and what to set."""
+    before any work, with the cause and what to set. ``what`` names the location in the error."""
     probe = loc / ".semisam-write-probe"
     try:
         loc.mkdir()
@@ -252,6 +252,6 @@ def check_writable(loc: Location) -> None:
         if loc.protocol in ("s3", "s3a"):
             hint = (" (for S3 set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for an "
                     "S3-compatible server; check that the bucket exists)")
-        raise StoreError(f"cannot write to the run folder {loc.url}: {type(e).__name__}: {e}{hint}") from None
+        raise StoreError(f"cannot write to {what} {loc.url}: {type(e).__name__}: {e}{hint}") from None
     if not ok:
         raise StoreError(f"{loc.url}: a probe file read back different bytes")

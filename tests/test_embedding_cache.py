@@ -22,7 +22,8 @@ import yaml
 import zarr
 
 from pipeline.config import SamConfig, config_from_dict, load_config
-from pipeline.coordinator import run_with_stats
+from pipeline.coordinator import preflight, run_with_stats
+from pipeline.errors import StoreError
 from pipeline.generalist.cache import NAME_HEX, EmbeddingCache, cache_key, image_sha256
 from pipeline.generalist.sam import (
     SamGeneralist,
@@ -359,3 +360,17 @@ def test_cache_dir_resolves_like_the_other_paths(tmp_path, monkeypatch):
     assert load_config(conf / "c.yaml", ["generalist.cache_dir=mine"]).generalist.cache_dir == str(elsewhere / "mine")
     assert load_config(conf / "c.yaml", ["generalist.cache_dir=s3://b/cache"]).generalist.cache_dir == "s3://b/cache"
     assert load_config(conf / "c.yaml", ["generalist.cache_dir=null"]).generalist.cache_dir is None
+
+
+def test_an_unwritable_cache_dir_is_refused_before_any_work(tmp_path, synthetic_root, tiny_sam_checkpoint):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should go")
+    tree = small_config_dict(synthetic_root, tmp_path / "runs", tiny_sam_checkpoint)
+    tree["generalist"]["cache_dir"] = str(blocker / "cache")
+    cfg = config_from_dict(tree)
+    with pytest.raises(StoreError, match=r"cannot write to generalist\.cache_dir .*not-a-folder/cache"):
+        preflight(cfg)
+    assert not cfg.run_dir.exists()  # refused before the run folder was made
+    # without pseudo-labels (or with the cache off) the cache is never used, so it is not checked
+    tree["generalist"]["cache_embeddings"] = False
+    preflight(config_from_dict(tree))
