@@ -96,6 +96,8 @@ COMPARISONS = [
 ]
 """(row, baseline) pairs compared seed by seed (same k, same seed: the same labeled cases, initial
 weights and sampling until the methods diverge)."""
+AUDIT_COMPARISONS = [("mean_teacher+semisam+ensemble", "mean_teacher+semisam")]
+"""(row, baseline) pairs whose pseudo-labels are compared seed by seed (:func:`paired_audit`)."""
 
 
 def cell_name(k: int, row: str, seed: int) -> str:
@@ -191,33 +193,51 @@ def aggregate(cells: list[dict]) -> list[dict]:
     return out
 
 
-def paired(cells: list[dict], metric: str = "dice") -> list[dict]:
-    """Seed-by-seed differences of ``metric`` for every (row, baseline) of :data:`COMPARISONS` and every k
-    where both ran with at least two common seeds: the differences, their mean and sample std, the 95%
-    confidence interval of the mean (Student t, n-1 degrees of freedom), the paired t-test's two-sided p,
-    and a verdict: ``gain``/``loss`` only when the interval excludes 0, else ``within noise`` (for HD95/ASD a
-    gain is a decrease). Cells without the metric (another distance unit) are skipped."""
+def paired_differences(by: dict[tuple[str, int, int], float], comparisons, lower_is_better: bool = False,
+                       ) -> list[dict]:
+    """Seed-by-seed differences of one value, ``by[(row, k, seed)]``, for every (row, baseline) of
+    ``comparisons`` and every k where both have at least two common seeds: the differences, their mean and
+    sample std, the 95% confidence interval of the mean (Student t, n-1 degrees of freedom), the paired
+    t-test's two-sided p, and a verdict: ``gain``/``loss`` only when the interval excludes 0, else ``within
+    noise`` (with ``lower_is_better`` a gain is a decrease)."""
     from scipy import stats
 
-    by = {(c["row"], c["k"], c["seed"]): c["final"][metric] for c in cells if metric in c["final"]}
     out = []
-    for row, base in COMPARISONS:
-        for k in sorted({c["k"] for c in cells}):
+    for row, base in comparisons:
+        for k in sorted({kk for (_, kk, _) in by}):
             seeds = sorted(s for (r, kk, s) in by if r == row and kk == k and (base, k, s) in by)
             if len(seeds) < 2:
                 continue
-            d = np.array([by[(row, k, s)] - by[(base, k, s)] for s in seeds], float)
+            a, b = [by[(row, k, s)] for s in seeds], [by[(base, k, s)] for s in seeds]
+            d = np.subtract(a, b, dtype=float)
             mean, sd, n = float(d.mean()), float(d.std(ddof=1)), len(d)
             half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if sd > 0 else 0.0
-            p = float(stats.ttest_rel([by[(row, k, s)] for s in seeds], [by[(base, k, s)] for s in seeds]).pvalue) \
-                if sd > 0 else float("nan")
-            better = -1.0 if metric.startswith(("hd95", "asd")) else 1.0  # distances: lower is better
+            p = float(stats.ttest_rel(a, b).pvalue) if sd > 0 else float("nan")
+            better = -1.0 if lower_is_better else 1.0
             lo, hi = sorted((better * (mean - half), better * (mean + half)))
             verdict = "gain" if lo > 0 else "loss" if hi < 0 else "within noise"
-            out.append({"row": row, "baseline": base, "k": k, "metric": metric, "seeds": seeds,
+            out.append({"row": row, "baseline": base, "k": k, "seeds": seeds,
                         "differences": [round(float(x), 4) for x in d], "mean": mean, "std": sd,
                         "ci95": [mean - half, mean + half], "p_paired_t": p, "verdict": verdict})
     return out
+
+
+def paired(cells: list[dict], metric: str = "dice") -> list[dict]:
+    """:func:`paired_differences` of the final test ``metric`` for :data:`COMPARISONS` (for HD95/ASD a gain
+    is a decrease). Cells without the metric (another distance unit) are skipped."""
+    by = {(c["row"], c["k"], c["seed"]): c["final"][metric] for c in cells if metric in c["final"]}
+    return [{**d, "metric": metric}
+            for d in paired_differences(by, COMPARISONS, lower_is_better=metric.startswith(("hd95", "asd")))]
+
+
+def paired_audit(cells: list[dict], relabel_round: int = 1) -> list[dict]:
+    """:func:`paired_differences` of the pseudo-label audit Dice of ``relabel_round`` for
+    :data:`AUDIT_COMPARISONS`. Round 1 is the clean comparison of pseudo-labels: round 0 trains without
+    them, so both rows relabel with the same checkpoint and differ only in how they make the masks."""
+    by = {(c["row"], c["k"], c["seed"]): a["pseudo_dice"] for c in cells for a in c["audit"]
+          if a["round"] == relabel_round}
+    return [{**d, "metric": "pseudo_dice", "round": relabel_round}
+            for d in paired_differences(by, AUDIT_COMPARISONS)]
 
 
 def _ms(d: dict, digits: int = 3) -> str:
@@ -347,16 +367,19 @@ def report(cells_dir: Path, out: Path, figures: Path, docs: Path | None = DOCS) 
     """Aggregate the finished cells into ``out``, draw the plots, refresh the table in ``docs``."""
     cells = load_cells(cells_dir)
     table = aggregate(cells)
-    pairs, pairs_hd = paired(cells), paired(cells, "hd95_mm")
+    pairs, pairs_hd, pairs_audit = paired(cells), paired(cells, "hd95_mm"), paired_audit(cells)
     atomic_write_text(out, json.dumps({"budget": BUDGET, "rows": ROWS, "config": str(CONFIG.relative_to(ROOT)),
                                        "table": table, "paired": pairs, "paired_hd95_mm": pairs_hd,
+                                       "paired_audit_round1": pairs_audit,
                                        "cells": [c["cell"] for c in cells]}, indent=1))
     if table:
         plot(table, figures)
     text = (markdown(table) + "\nSeed-by-seed differences of the test Dice (a gain is called a gain only when "
             "its 95% interval excludes 0):\n\n" + paired_markdown(pairs) + "\nThe same for HD95 (mm; lower is "
             "better, so a gain is a negative difference):\n\n" + paired_markdown(pairs_hd, "HD95")
-            + "\n" + provenance(cells))
+            + "\nSeed-by-seed differences of the pseudo-labels' audit Dice in relabel round 1 (both rows relabel "
+            "with the same round-0 checkpoint, so only the way the masks are made differs):\n\n"
+            + paired_markdown(pairs_audit, "pseudo-label Dice") + "\n" + provenance(cells))
     if docs is not None:
         update_docs(docs, text)
     return text

@@ -110,3 +110,19 @@ def test_paired_differences_call_a_gain_only_outside_the_noise():
     assert hd[("mean_teacher", "supervised")]["verdict"] == "within noise"  # no difference at all
     text = quality.paired_markdown(list(pairs.values()))
     assert "| 4 | uamt | supervised | 5 | +0.100 +0.110 +0.090 +0.110 +0.110 | +0.104" in text and "**gain**" in text
+
+
+def test_paired_audit_compares_round_one_pseudo_labels_seed_by_seed():
+    cells = []
+    for seed, (single, consensus) in enumerate([(0.53, 0.54), (0.55, 0.56), (0.52, 0.528), (0.50, 0.514)]):
+        # round 2 differs the other way: only round 1 (same checkpoint in both rows) is compared
+        cells += [_cell("mean_teacher+semisam", 4, seed, 0.7, [(1, single, 0.6), (2, 0.6, 0.7)]),
+                  _cell("mean_teacher+semisam+ensemble", 4, seed, 0.7, [(1, consensus, 0.6), (2, 0.5, 0.7)])]
+    cells.append(_cell("mean_teacher+semisam+ensemble", 4, 9, 0.7, [(1, 0.9, 0.6)]))  # no partner: left out
+    [pair] = quality.paired_audit(cells)
+    assert (pair["row"], pair["baseline"], pair["round"], pair["seeds"]) == (
+        "mean_teacher+semisam+ensemble", "mean_teacher+semisam", 1, [0, 1, 2, 3])
+    assert pair["differences"] == [0.01, 0.01, 0.008, 0.014]
+    assert pair["mean"] == pytest.approx(0.0105) and pair["verdict"] == "gain" and pair["p_paired_t"] < 0.01
+    [late] = quality.paired_audit(cells, relabel_round=2)
+    assert late["mean"] == pytest.approx(-0.1) and late["verdict"] == "loss"
