@@ -58,17 +58,19 @@ BUDGET = ["rounds=3", "train.iterations=200", "train.consistency.rampup_iteratio
           "train.pseudo_label.rampup_iterations=100", "train.log_every=200", "eval.every_round=false"]
 _NO_PL = "train.pseudo_label.enabled=false"
 _PL = ["train.method=mean_teacher", "train.pseudo_label.enabled=true", "eval.audit_pseudo_labels=true"]
+_STRONG = ["train.pseudo_label.loss=ce_dice", "train.pseudo_label.schedule=up", "train.pseudo_label.weight=0.5"]
 ROWS: dict[str, list[str]] = {
     "supervised": ["train.method=supervised", _NO_PL],
     "mean_teacher": ["train.method=mean_teacher", _NO_PL],
     "uamt": ["train.method=uamt", _NO_PL],
-    # the SemiSAM term as published (conf/hippocampus_official.yaml): MSE on softmax, 0.05, ramped down
+    # the SemiSAM term as published, the default (conf/hippocampus.yaml): MSE on softmax, 0.05, ramped down
     "mean_teacher+semisam_official": [*_PL, "train.pseudo_label.loss=mse", "train.pseudo_label.schedule=down",
                                       "train.pseudo_label.weight=0.05"],
-    # ours (conf/hippocampus.yaml): CE + Dice on the hard mask, 0.5 ramped up and held
-    "mean_teacher+semisam": _PL,
+    # ours, the strong form (conf/hippocampus_strong_term.yaml): CE + Dice on the hard mask, 0.5 ramped up, held
+    "mean_teacher+semisam": [*_PL, *_STRONG],
     # ours with a 3-member prompt ensemble: the consensus mask, its voxels weighted by certainty
-    "mean_teacher+semisam+ensemble": [*_PL, "prompts.ensemble=3", "train.pseudo_label.uncertainty_weighting=true"],
+    "mean_teacher+semisam+ensemble": [*_PL, *_STRONG, "prompts.ensemble=3",
+                                      "train.pseudo_label.uncertainty_weighting=true"],
     # the Mean Teacher sweep (issue 9 item 1): consistency weight x ramp length, k=4
     "mean_teacher_w1": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=1.0"],
     "mean_teacher_w10": ["train.method=mean_teacher", _NO_PL, "train.consistency.weight=10.0"],

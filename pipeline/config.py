@@ -12,7 +12,7 @@ checkpoint as a plain dict (``cfg.model_dump(mode="json")``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -120,18 +120,29 @@ class ConsistencyConfig(_Strict):
 
 
 class PseudoLabelConfig(_Strict):
-    """The SemiSAM term: supervision of the student by the stored generalist masks."""
+    """The SemiSAM term: supervision of the student by the stored generalist masks.
+
+    The defaults are the published form (the official SemiSAM code): MSE against the one-hot mask, weight
+    0.05 ramped down. The strong form (``loss: ce_dice``, ``schedule: up``, ``weight: 0.5``) is for a
+    generalist whose masks are better than the specialist's predictions (the audit says so on cases with
+    labels): with a generalist that is worse, it measurably hurt at k = 1 (docs/benchmarks.md, Quality).
+    """
+
+    SAVED_WITHOUT: ClassVar[dict[str, Any]] = {"loss": "ce_dice", "schedule": "up"}
+    """What a saved config that lacks these keys ran with: they were added with the strong form as their
+    default, which changed later (:func:`with_defaults`)."""
 
     enabled: bool = True
-    weight: float = Field(default=0.5, ge=0.0)
-    """Peak weight of the term (the official SemiSAM code: 0.5 * 0.1 = 0.05, with loss mse, schedule down)."""
-    loss: Literal["ce_dice", "mse"] = "ce_dice"
-    """ce_dice: 0.5 (CE + soft Dice) on the hard generalist mask (ours). mse: MSE between the student's
-    softmax and the one-hot generalist mask, averaged over classes (the official SemiSAM code)."""
-    schedule: Literal["up", "down"] = "up"
-    """up: sigmoid ramp up over ``rampup_iterations`` from the first iteration with pseudo-labels, then held
-    (ours). down: the official decreasing ramp, ``weight`` at the first iteration with pseudo-labels falling
-    along a mirrored sigmoid to ``weight * exp(-5)`` at the run's last iteration (rounds x train.iterations)."""
+    weight: float = Field(default=0.05, ge=0.0)
+    """Peak weight of the term (the official SemiSAM code: 0.5 * 0.1 = 0.05; the strong form: 0.5)."""
+    loss: Literal["ce_dice", "mse"] = "mse"
+    """mse: MSE between the student's softmax and the one-hot generalist mask, averaged over classes (the
+    official SemiSAM code). ce_dice: 0.5 (CE + soft Dice) on the hard generalist mask (the strong form)."""
+    schedule: Literal["up", "down"] = "down"
+    """down: the official decreasing ramp, ``weight`` at the first iteration with pseudo-labels falling
+    along a mirrored sigmoid to ``weight * exp(-5)`` at the run's last iteration (rounds x train.iterations).
+    up: sigmoid ramp up over ``rampup_iterations`` from the first iteration with pseudo-labels, then held
+    (the strong form)."""
     rampup_iterations: int = Field(default=100, ge=0)
     """Sigmoid ramp length of schedule ``up``, counted from the first iteration that has pseudo-labels."""
     min_sam_score: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -514,12 +525,16 @@ def with_defaults(tree: dict, model: type[BaseModel] = RunConfig) -> dict:
     """A saved config tree (e.g. the ``config.yaml`` of a run folder written by an older semisam) with every
     key it lacks filled in with this version's default, as JSON values, section by section. Settings added
     later stand for the behaviour the older version had at their default, so comparing a saved config with
-    a new one after this counts only real changes."""
+    a new one after this counts only real changes. A setting whose default changed since it was added is
+    filled with the value its first default had (the model's ``SAVED_WITHOUT``), not with today's."""
     out = dict(tree)
+    saved_without = getattr(model, "SAVED_WITHOUT", {})
     for name, field in model.model_fields.items():
         sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
         if name not in out:
-            if not field.is_required():
+            if name in saved_without:
+                out[name] = saved_without[name]
+            elif not field.is_required():
                 out[name] = TypeAdapter(field.annotation).dump_python(
                     field.get_default(call_default_factory=True), mode="json")
         elif sub is not None and isinstance(out[name], dict):

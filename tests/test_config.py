@@ -10,7 +10,14 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline.config import RunConfig, config_from_dict, dump_config, load_config, parse_override
+from pipeline.config import (
+    PseudoLabelConfig,
+    RunConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
 from pipeline.errors import ConfigError
 
 from .conftest import small_config_dict
@@ -328,3 +335,50 @@ def test_a_run_folder_from_before_a_new_setting_resumes_and_real_changes_are_ref
     saved.write_text(yaml.safe_dump(old))  # the old folder again; now resumed with a real change
     with pytest.raises(ConfigError, match=r"differs in: prompts\.ensemble\)"):
         prepare_run_dir(small_config(synthetic_root, tmp_path, prompts={"ensemble": 3}))
+
+
+def test_a_saved_config_without_a_setting_whose_default_changed_keeps_what_it_ran_with(synthetic_root, tmp_path):
+    """train.pseudo_label.loss/schedule were added with the strong form (ce_dice, up) as default; the default
+    is now the published form (mse, down). A folder saved before they existed ran with ce_dice/up: resuming
+    it with today's defaults is a real change and is refused by name; with the strong form it resumes."""
+    import yaml
+
+    from pipeline.config import with_defaults
+    from pipeline.coordinator import prepare_run_dir
+    from tests.conftest import small_config
+
+    strong = {"pseudo_label": {"loss": "ce_dice", "schedule": "up", "weight": 0.5}}
+    cfg = small_config(synthetic_root, tmp_path, train=strong)
+    assert (cfg.train.pseudo_label.loss, cfg.train.pseudo_label.schedule) == ("ce_dice", "up")
+    prepare_run_dir(cfg)
+    saved = cfg.run_dir / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["train"]["pseudo_label"]["loss"], old["train"]["pseudo_label"]["schedule"]
+    filled = with_defaults(old)["train"]["pseudo_label"]
+    assert (filled["loss"], filled["schedule"]) == ("ce_dice", "up")
+    saved.write_text(yaml.safe_dump(old))
+    plain = small_config(synthetic_root, tmp_path, train={"pseudo_label": {"weight": 0.5}})  # today's defaults
+    assert (plain.train.pseudo_label.loss, plain.train.pseudo_label.schedule) == ("mse", "down")
+    with pytest.raises(ConfigError, match=r"train\.pseudo_label\.loss.*train\.pseudo_label\.schedule"):
+        prepare_run_dir(plain)
+    prepare_run_dir(cfg)  # the form it ran with: resumes
+
+
+def test_shipped_configs_load_and_name_the_term_form_they_say():
+    """Every conf/*.yaml validates; the hippocampus preset is the published SemiSAM term (the default), the
+    strong-term preset differs from it only in the term's form and name, and the demo uses the strong form."""
+    forms = {}
+    for path in sorted((REPO / "conf").glob("*.yaml")):
+        pl = load_config(path).train.pseudo_label
+        forms[path.stem] = (pl.loss, pl.schedule, pl.weight)
+    default = PseudoLabelConfig()
+    assert (default.loss, default.schedule, default.weight) == ("mse", "down", 0.05)
+    assert forms["hippocampus"] == ("mse", "down", 0.05)
+    assert forms["hippocampus_strong_term"] == forms["demo"][:2] + (0.5,) == ("ce_dice", "up", 0.5)
+    official, strong = (load_config(REPO / "conf" / f"{n}.yaml").model_dump(mode="json")
+                        for n in ("hippocampus", "hippocampus_strong_term"))
+    for tree in (official, strong):
+        del tree["name"]
+        for key in ("loss", "schedule", "weight", "rampup_iterations"):
+            del tree["train"]["pseudo_label"][key]
+    assert official == strong

@@ -466,7 +466,9 @@ def test_state_dict_without_pseudo_step(synthetic_root, tmp_path):
 
 def test_pseudo_label_term(synthetic_root, tmp_path, volumes):
     labeled, unlabeled = volumes
-    tr = _trainer(synthetic_root, tmp_path, train={"method": "supervised", "unlabeled_batch_size": 2})
+    strong = {"loss": "ce_dice", "schedule": "up", "weight": 0.5}  # the default (published) form: further below
+    tr = _trainer(synthetic_root, tmp_path, train={"method": "supervised", "unlabeled_batch_size": 2,
+                                                   "pseudo_label": strong})
     tr.train(labeled, unlabeled, None, iterations=2)  # round 0: no pseudo-labels yet
     assert tr.first_pseudo_step is None
     stats = tr.train(labeled, unlabeled, _pseudo(unlabeled), iterations=3)
