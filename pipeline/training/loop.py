@@ -7,9 +7,9 @@ unlabeled crops), one student forward pass over both, then
 
 an optimizer step, and the EMA update of the teacher. The pseudo-label term uses only stored generalist
 masks (never labels of unlabeled cases), gated per slice by the generalist's score and per sample by
-agreement with the teacher. Its loss is ``train.pseudo_label.loss`` (CE+Dice, ours, or the official MSE
-on softmax) and its weight follows ``train.pseudo_label.schedule`` from the first iteration that had
-pseudo-labels: ramped up and held (ours) or ramped down to the run's end (official).
+agreement with the teacher. Its loss is ``train.pseudo_label.loss`` (the official MSE on softmax, the
+default, or CE+Dice, the strong form) and its weight follows ``train.pseudo_label.schedule`` from the first
+iteration that had pseudo-labels: ramped down to the run's end (official) or ramped up and held (strong).
 
 Every ``log_every`` iterations and on the last one of a round the loop measures how much each unlabeled
 term pulls against the supervised one: ``consistency_grad_share`` = |grad of the weighted consistency
