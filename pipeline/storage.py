@@ -21,6 +21,7 @@ import hashlib
 import os
 import posixpath
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -238,8 +239,10 @@ def file_sha256(loc: Location, block_bytes: int = 8 << 20) -> str:
 
 def check_writable(loc: Location, what: str = "the run folder") -> None:
     """Write, read back and delete a small probe object: bad URLs and missing credentials fail here,
-    before any work, with the cause and what to set. ``what`` names the location in the error."""
-    probe = loc / ".semisam-write-probe"
+    before any work, with the cause and what to set. ``what`` names the location in the error. The probe's
+    name is unique, so runs that probe one shared folder at once (a shared embedding cache) do not read or
+    delete each other's probe."""
+    probe = loc / f".semisam-write-probe-{uuid.uuid4().hex}"
     try:
         loc.mkdir()
         probe.write_bytes(b"ok")

@@ -32,7 +32,7 @@ from pipeline.generalist.sam import (
     sam_embedding_cache,
     save_tiny_sam,
 )
-from pipeline.storage import Location, file_sha256
+from pipeline.storage import Location, check_writable, file_sha256
 from pipeline.store import PseudoLabelStore
 from tests.conftest import moto_s3, small_config_dict
 
@@ -374,3 +374,25 @@ def test_an_unwritable_cache_dir_is_refused_before_any_work(tmp_path, synthetic_
     # without pseudo-labels (or with the cache off) the cache is never used, so it is not checked
     tree["generalist"]["cache_embeddings"] = False
     preflight(config_from_dict(tree))
+
+
+def test_runs_probing_one_shared_cache_dir_at_once_do_not_fail_each_other(tmp_path):
+    """Every run's preflight probes the shared cache folder; with one fixed probe name, one run deleted the
+    probe another was about to read back ('... does not exist') and the second run was refused."""
+    shared = Location.of(str(tmp_path / "shared_cache"))
+    errors: list[Exception] = []
+
+    def probe_often():
+        for _ in range(100):
+            try:
+                check_writable(shared, "generalist.cache_dir")
+            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                errors.append(e)
+
+    threads = [threading.Thread(target=probe_often) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert list((tmp_path / "shared_cache").iterdir()) == []  # no probe left behind
