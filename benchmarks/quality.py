@@ -144,14 +144,10 @@ def audit_means(run_dir: Path) -> list[dict]:
 
 
 def run_cell(cfg: RunConfig, k: int, row: str, seed: int, command: str, overrides: list[str]) -> dict:
-    from pipeline.coordinator import Coordinator
+    from pipeline.coordinator import run
 
     start = time.perf_counter()
-    coordinator = Coordinator(cfg)
-    try:
-        summaries = coordinator.run()
-    finally:
-        coordinator.shutdown()
+    summaries = run(cfg)
     last = cfg.rounds - 1
     eval_df = pd.read_parquet(cfg.run_dir / "eval" / f"round_{last:03d}.parquet")
     return {
