@@ -49,7 +49,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import checkpoint_path, save_checkpoint
 from pipeline.config import RunConfig, load_config
 from pipeline.coordinator import Coordinator
-from pipeline.data.dataset import DatasetInfo, load_image, load_label, read_dataset_info, read_image_shape
+from pipeline.data.dataset import DatasetInfo, load_image, load_label, read_data, read_image_shape
 from pipeline.data.splits import Split, resolve_split
 from pipeline.devices import set_threads
 from pipeline.generalist.base import Generalist, SlicePrompt
@@ -253,7 +253,7 @@ class Bench:
 
     @staticmethod
     def dataset(cfg: RunConfig) -> tuple[DatasetInfo, Split]:
-        info = read_dataset_info(cfg.data.root, cfg.data.format)
+        info = read_data(cfg.data)
         return info, resolve_split(cfg.data, info)
 
     def specialist(self) -> tuple[dict, dict]:

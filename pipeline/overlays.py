@@ -163,10 +163,10 @@ class _SliceSource:
         self.cfg = _run_config(store_root)
         self.info = None
         if self.cfg is not None:
-            from pipeline.data.dataset import read_dataset_info
+            from pipeline.data.dataset import read_data
 
             try:
-                self.info = read_dataset_info(self.cfg.data.root, self.cfg.data.format)
+                self.info = read_data(self.cfg.data)
             except Exception as e:  # pictures without the image are still worth drawing
                 log.warning("overlays: cannot read the dataset %s (%s); drawing masks on a blank image",
                             self.cfg.data.root, e)

@@ -185,6 +185,8 @@ def prompts_for_slice(
 
         points_xy = np.concatenate([_rc_to_xy(pos_rc), _rc_to_xy(neg_rc)]).astype(np.float32)
         labels = np.concatenate([np.ones(len(pos_rc), np.int32), np.zeros(len(neg_rc), np.int32)])
+        if not cfg.use_points:  # box only (LiteMedSAM was trained on boxes); the rng advanced the same way
+            points_xy, labels = points_xy[:0], labels[:0]
         prompts.append(SlicePrompt(class_id=c, points_xy=points_xy, point_labels=labels,
                                    box_xyxy=box, mask_logits=mask_logits))
     return prompts

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.class_source import as_json, compose, generalist_classes
 from pipeline.config import RunConfig
 from pipeline.generalist.base import Generalist, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache
@@ -63,10 +64,17 @@ def consensus(labels: np.ndarray, class_ids: list[int]) -> tuple[np.ndarray, np.
     return majority, (1.0 - votes / n).astype(np.float32)
 
 
-def merge_class_masks(masks: np.ndarray, logits: np.ndarray, class_ids: list[int]) -> np.ndarray:
-    """Per-class masks (P, H, W) -> one label map (H, W): where masks overlap the higher logit wins."""
+def merge_class_masks(masks: np.ndarray, logits: np.ndarray, class_ids: list[int],
+                      overlap: str = "logit") -> np.ndarray:
+    """Per-class masks (P, H, W) -> one label map (H, W). Where masks overlap: the higher logit wins
+    (``logit``), or the smaller mask (``nested``: a structure inside another's region keeps its mask)."""
     if len(class_ids) == 0:
         return np.zeros(masks.shape[1:], np.uint8)
+    if overlap == "nested":
+        out = np.zeros(masks.shape[1:], np.uint8)
+        for i in np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable"):  # largest first
+            out[masks[i]] = class_ids[i]
+        return out
     scored = np.where(masks, logits, -np.inf)
     best = scored.argmax(0)
     out = np.asarray(class_ids, np.uint8)[best]
@@ -82,8 +90,14 @@ def _fg_dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Generalist,
                  cache: EmbeddingCache | None, cfg: RunConfig, class_ids: list[int], round_index: int,
-                 checkpoint_version: int, device: torch.device) -> CaseRelabel:
-    """Relabel one case. image float32 (X, Y, Z), normalised as in training."""
+                 checkpoint_version: int, device: torch.device,
+                 sources: dict[int, str] | None = None) -> CaseRelabel:
+    """Relabel one case. image float32 (X, Y, Z), normalised as in training.
+
+    ``sources`` (class id -> ``generalist``/``specialist``, :mod:`pipeline.class_source`; None: every class
+    from the generalist): only generalist-sourced classes are prompted; each member's label map is the
+    specialist's map with those classes replaced by the generalist's masks (:func:`compose`)."""
+    prompted_ids = generalist_classes(sources, class_ids)
     axis = cfg.data.slice_axis
     n_members = cfg.prompts.ensemble
     logits = predict_volume(model, image, axis, tuple(cfg.model.patch_size), device)  # (C, X, Y, Z)
@@ -97,8 +111,9 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
     rng = case_rng(cfg.seed, round_index, case_id)
     perturb_rng = case_rng(cfg.seed, round_index, case_id, stream=1)
     use_logits = cfg.prompts.use_mask_prompt
-    members = [ensemble_prompts(specialist[s], None if probs is None else probs[:, s], class_ids, cfg.prompts, rng,
-                                perturb_rng, logits[:, s] if use_logits else None)
+    members = [ensemble_prompts(specialist[s], None if probs is None else probs[:, s], prompted_ids, cfg.prompts,
+                                rng, perturb_rng, logits[:, s] if use_logits else None)
+               if prompted_ids else [[] for _ in range(n_members)]
                for s in range(len(slices))]                                             # [S][N][prompts]
     wanted = [s for s, ms in enumerate(members) if any(ms)]
     if cache is not None:
@@ -106,7 +121,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
     else:
         embeddings = dict(zip(wanted, generalist.embed(slices[wanted]), strict=True)) if wanted else {}
         cached = set()
-    pseudo = np.zeros_like(specialist)
+    pseudo = compose(specialist, np.zeros_like(specialist), prompted_ids)  # unprompted slices: the specialist's
     uncertainty = np.zeros(specialist.shape, np.float32) if n_members > 1 else None
     scores = np.full((len(slices), len(class_ids)), np.nan, np.float32)
     rows = []
@@ -119,8 +134,9 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
             maps, sums, counts, start = [], np.zeros(len(class_ids)), np.zeros(len(class_ids)), 0
             for m in slice_members:
                 stop = start + len(m)
-                maps.append(merge_class_masks(res.masks[start:stop], res.logits[start:stop],
-                                              [p.class_id for p in m]))
+                maps.append(compose(specialist[s], merge_class_masks(
+                    res.masks[start:stop], res.logits[start:stop], [p.class_id for p in m], cfg.generalist.overlap),
+                    prompted_ids))
                 for p, score in zip(m, res.scores[start:stop], strict=True):
                     sums[class_ids.index(p.class_id)] += score
                     counts[class_ids.index(p.class_id)] += 1
@@ -148,6 +164,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
             "specialist_fg_fraction": float((specialist[s] > 0).mean()),
             "agreement_dice": _fg_dice(pseudo[s], specialist[s]),
             "embedding_cached": s in cached,
+            "class_source": as_json(sources if sources is not None else {c: "generalist" for c in class_ids}),
             **ensemble_columns(slice_members, None if uncertainty is None else uncertainty[s], member_maps),
         })
     return CaseRelabel(pseudo, specialist, scores, rows, uncertainty)

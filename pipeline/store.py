@@ -69,9 +69,10 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "ensemble_prompts": "object",   # JSON: the prompts of members 1..N-1 ("[]" for one set)
     "uncertain_fraction": "float64",  # share of the slice's pixels where a member disagrees (NaN: one set)
     "fg_uncertainty": "float64",    # mean uncertainty over pixels any member calls foreground (NaN: none / one set)
+    "class_source": "object",       # JSON: {class_id: "generalist" | "specialist"}, the round's choice per class
 }
 OPTIONAL_COLUMNS: dict[str, object] = {"ensemble": 1, "ensemble_prompts": "[]", "uncertain_fraction": float("nan"),
-                                       "fg_uncertainty": float("nan")}
+                                       "fg_uncertainty": float("nan"), "class_source": "{}"}
 """Columns added after format 2 was first written, with the value older parts stand for (one prompt set)."""
 
 

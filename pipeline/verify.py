@@ -128,10 +128,10 @@ def _check_store(loc: Location, cfg, completed: list[int], rep: VerifyReport) ->
     expected = None
     if cfg is not None:
         try:
-            from pipeline.data.dataset import read_dataset_info
+            from pipeline.data.dataset import read_data
             from pipeline.data.splits import resolve_split
 
-            expected = set(resolve_split(cfg.data, read_dataset_info(cfg.data.root, cfg.data.format)).unlabeled)
+            expected = set(resolve_split(cfg.data, read_data(cfg.data)).unlabeled)
         except SemisamError as e:
             rep.notes.append(f"dataset not checked ({str(e).splitlines()[0]})")
     for r in store.rounds():

@@ -12,13 +12,12 @@ import time
 
 import torch
 
-from pipeline.data.dataset import load_image, read_dataset_info
+from pipeline.data.dataset import load_image, read_data
 from pipeline.generalist.cache import EmbeddingCache
-from pipeline.generalist.factory import make_generalist
+from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
 from pipeline.run_lock import check_sees_run_folder
-from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore
 from workers.common import node_info, process_info, return_free_heap, start_worker
 
@@ -29,7 +28,7 @@ class SamWorker:
     def __init__(self, cfg_dict: dict, worker_index: int = 0):
         self.cfg, self.device = start_worker(cfg_dict, "sam")
         self.index = worker_index
-        self.info = read_dataset_info(self.cfg.data.root, self.cfg.data.format)
+        self.info = read_data(self.cfg.data)
         self.class_ids = self.info.foreground_classes
         self.generalist = make_generalist(self.cfg.generalist, self.device)
         # The run folder is opened on first use, after ready() has checked this node sees it: opening it
@@ -45,14 +44,10 @@ class SamWorker:
     def cache(self) -> EmbeddingCache | None:
         """The embedding cache (SAM only): ``generalist.cache_dir``, else the run folder's embeddings.zarr,
         under the key of this checkpoint (hashed once per actor) and preprocessing."""
-        g = self.cfg.generalist
-        if self._cache is None and g.cache_embeddings and getattr(self.generalist, "cacheable", False):
-            from pipeline.generalist.sam import sam_embedding_cache  # only SAM is cacheable
-
-            root = (Location.of(g.cache_dir, self.cfg.storage_options) if g.cache_dir
-                    else self.cfg.run_dir / "embeddings.zarr")
-            self._cache = sam_embedding_cache(root, g.sam, self.cfg.data.slice_axis, g.cache_dtype)
-            log.info("SAM worker %d: embedding cache %s/%s", self.index, root, self._cache.key)
+        if self._cache is None:
+            self._cache = embedding_cache(self.cfg, self.generalist)
+            if self._cache is not None:
+                log.info("SAM worker %d: embedding cache %s", self.index, self._cache.key)
         return self._cache
 
     @property
@@ -77,12 +72,13 @@ class SamWorker:
         return self.version
 
     def relabel(self, case_ids: list[str], round_index: int, version: int, model_args: dict,
-                weights_box: list) -> dict:
+                weights_box: list, sources: dict[int, str] | None = None) -> dict:
         """Relabel cases with checkpoint ``version``, write their masks, return their manifest rows.
 
         ``weights_box`` is ``[ObjectRef of the state dict]``, fetched only when this actor does not hold
         that version yet (first call, or after Ray restarted it). A case that raises is reported in
-        ``failed`` ({case_id: cause}) and the others go on: {"rows": [...], "failed": {...}}.
+        ``failed`` ({case_id: cause}) and the others go on: {"rows": [...], "failed": {...}}. ``sources``:
+        the round's class sources (``pipeline.class_source``; None: the generalist for every class).
         """
         if version != self.version:
             import ray
@@ -93,7 +89,7 @@ class SamWorker:
         failed: dict[str, str] = {}
         for case_id in case_ids:
             try:
-                rows.extend(self._relabel_case(case_id, round_index))
+                rows.extend(self._relabel_case(case_id, round_index, sources))
             except Exception as e:  # noqa: BLE001 - one bad case must not take the others with it
                 log.exception("SAM worker %d: case %s failed", self.index, case_id)
                 failed[case_id] = f"{type(e).__name__}: {e}"[:500]
@@ -101,11 +97,11 @@ class SamWorker:
         self.seconds += time.perf_counter() - start
         return {"rows": rows, "failed": failed}
 
-    def _relabel_case(self, case_id: str, round_index: int) -> list[dict]:
+    def _relabel_case(self, case_id: str, round_index: int, sources: dict[int, str] | None) -> list[dict]:
         image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
         with torch.inference_mode():
             out = relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
-                               self.class_ids, round_index, self.version, self.device)
+                               self.class_ids, round_index, self.version, self.device, sources)
         self.store.write_case(round_index, case_id, out.pseudo_label, out.specialist, out.scores, {
             "checkpoint_version": self.version,
             "generalist": self.generalist.name,

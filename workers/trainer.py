@@ -10,11 +10,15 @@ import logging
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from pipeline.data.dataset import load_image, load_label, read_dataset_info
+from pipeline.class_source import selection_table
+from pipeline.data.dataset import load_image, load_label, read_data
 from pipeline.data.splits import resolve_split
 from pipeline.evaluation import EvalVolume, evaluate_model
+from pipeline.generalist.factory import embedding_cache, make_generalist
+from pipeline.relabel import relabel_case
 from pipeline.run_lock import check_sees_run_folder
 from pipeline.storage import write_table
 from pipeline.store import PseudoLabelStore
@@ -29,7 +33,7 @@ class TrainerWorker:
     def __init__(self, cfg_dict: dict):
         self.cfg, self.device = start_worker(cfg_dict, "trainer")
         cfg = self.cfg
-        self.info = read_dataset_info(cfg.data.root, cfg.data.format)
+        self.info = read_data(cfg.data)
         self.split = resolve_split(cfg.data, self.info)
         self.class_ids = self.info.foreground_classes
         norm = cfg.data.normalization
@@ -42,6 +46,8 @@ class TrainerWorker:
             self.test.append(EvalVolume(c, image, load_label(self.info, c), spacing))
         self.trainer = SpecialistTrainer(cfg, self.info.num_classes, self.device)
         self.version = -1
+        self._generalist = None  # built on first select_sources (generalist.class_source: auto)
+        self._cache = None
         log.info("trainer on %s: %d labeled, %d unlabeled, %d test cases", self.device,
                  len(self.labeled), len(self.unlabeled), len(self.test))
 
@@ -102,6 +108,26 @@ class TrainerWorker:
         df.insert(0, "round", round_index)
         write_table(df, self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet")
         return df
+
+    def select_sources(self, round_index: int, case_ids: list[str]) -> pd.DataFrame:
+        """Score the generalist (every class prompted, as in relabeling) and the specialist (the current
+        student, i.e. the checkpoint the round relabels with) against the labels of the held-out
+        ``case_ids``: one row per (case, class), ``pipeline.class_source.selection_table``. The trainer
+        does it because it is the actor that reads labels; the SAM actors never do."""
+        if self._generalist is None:
+            self._generalist = make_generalist(self.cfg.generalist, self.device)
+            self._cache = embedding_cache(self.cfg, self._generalist)
+        rows: list[dict] = []
+        norm, axis = self.cfg.data.normalization, self.cfg.data.slice_axis
+        for case_id in case_ids:
+            image, _ = load_image(self.info, case_id, norm)
+            label = np.moveaxis(load_label(self.info, case_id), axis, 0)
+            with torch.inference_mode():
+                out = relabel_case(case_id, image, self.trainer.student, self._generalist, self._cache, self.cfg,
+                                   self.class_ids, round_index, self.version, self.device)
+            rows.extend(selection_table(case_id, out.pseudo_label, out.specialist, label, self.class_ids,
+                                        round_index))
+        return pd.DataFrame(rows)
 
     def process_info(self) -> dict:
         return process_info()

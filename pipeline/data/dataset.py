@@ -94,6 +94,7 @@ class DatasetInfo:
     orphan_labels: tuple[Path, ...] = ()
     split_lists: dict[str, list[str]] = field(default_factory=dict)
     layout: str = ""
+    labels_from_config: bool = False
 
     @property
     def foreground_classes(self) -> list[int]:
@@ -109,6 +110,8 @@ class DatasetInfo:
     def labels_source(self) -> str:
         """Where the labels came from, for messages."""
         path = self.root / "dataset.json"
+        if self.labels_from_config:
+            return "data.labels in the config"
         if self.format == "msd" or path.is_file():
             return str(path)
         return (f"the h5 default {{0: background, 1: foreground}} (no {path}; give one with "
@@ -374,7 +377,12 @@ def _read_ssl4mis(root: Path) -> DatasetInfo:
 _READERS = {"msd": _read_msd, "h5": _read_h5_layout, "ssl4mis": _read_ssl4mis}
 
 
-def read_dataset_info(root: Path, format: str = "auto") -> DatasetInfo:
+def read_data(data) -> DatasetInfo:
+    """:func:`read_dataset_info` of a ``DataConfig`` (root, format and its ``labels``, if given)."""
+    return read_dataset_info(data.root, data.format, data.labels)
+
+
+def read_dataset_info(root: Path, format: str = "auto", labels: dict[int, str] | None = None) -> DatasetInfo:
     """Find the cases and labels of a dataset folder; reads dataset.json and file listings only
     (h5, ssl4mis: opens each file to see whether it has a ``label`` dataset, without reading it).
 
@@ -382,6 +390,8 @@ def read_dataset_info(root: Path, format: str = "auto") -> DatasetInfo:
     is logged and kept in ``DatasetInfo.layout``. Raises DatasetError listing every problem
     (missing/invalid dataset.json, bad case ids, two files for one case, multi-modal data; a folder in
     another layout than ``format`` says what it holds), ConfigError for an unknown ``format``.
+    ``labels`` (value -> name, from ``data.labels``) replaces what the folder says of its classes: an h5
+    folder without ``dataset.json`` (SSL4MIS ACDC) can name its classes without writing into the data.
     """
     root = Path(root)
     if format not in (*FORMATS, "auto"):
@@ -395,14 +405,17 @@ def read_dataset_info(root: Path, format: str = "auto") -> DatasetInfo:
     else:
         found = f"{format} layout (as configured)"
     info = _READERS[format](root)
+    if labels is not None:
+        labels = parse_labels({str(k): v for k, v in labels.items()}, Path("data.labels"))
     if not info.cases:
         raise DatasetError(f"{root / 'imagesTr'}: no .nii.gz / .nii images found")
     num_labeled = sum(c.label is not None for c in info.cases.values())
     logger.info("dataset %s (%s): %d cases, %d with labels, %d classes%s", root, format, len(info.cases),
-                num_labeled, info.num_classes,
+                num_labeled, len(labels or info.labels),
                 f", {len(info.orphan_labels)} label(s) without image" if info.orphan_labels else "")
-    return DatasetInfo(root=info.root, format=info.format, labels=info.labels, cases=info.cases,
-                       orphan_labels=info.orphan_labels, split_lists=info.split_lists, layout=found)
+    return DatasetInfo(root=info.root, format=info.format, labels=labels or info.labels, cases=info.cases,
+                       orphan_labels=info.orphan_labels, split_lists=info.split_lists, layout=found,
+                       labels_from_config=labels is not None)
 
 
 # ---------------------------------------------------------------------------------------------- reading

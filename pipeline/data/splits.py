@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import DataConfig
@@ -31,6 +31,9 @@ class Split:
     labeled: list[str]
     unlabeled: list[str]
     test: list[str]
+    selection: list[str] = field(default_factory=list)
+    """Held-out labeled cases for ``generalist.class_source: auto`` (set by the coordinator's preflight,
+    :func:`resolve_selection`; empty otherwise). Not part of :attr:`all_cases`."""
 
     @property
     def all_cases(self) -> list[str]:
@@ -82,7 +85,7 @@ def _check(parts: dict[str, list[str]], info: DatasetInfo, source: str, problems
             if files is None:
                 problems.append(f"{source} ({part}): case {case_id!r} is not in the dataset {info.root}"
                                 f"{_suggest(case_id, known)}")
-            elif part in ("labeled", "test") and files.label is None:
+            elif part in ("labeled", "test", "selection") and files.label is None:
                 problems.append(f"{source} ({part}): case {case_id!r} has no label file "
                                 f"(its image is {files.image})")
 
@@ -141,3 +144,28 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
     logger.info("split from %s: %d labeled, %d unlabeled, %d test", source, len(labeled), len(unlabeled),
                 len(test))
     return Split(labeled=labeled, unlabeled=unlabeled, test=test)
+
+
+def resolve_selection(cfg: DataConfig, info: DatasetInfo, split: Split) -> tuple[list[str], str]:
+    """(case ids, where from) of the labeled cases that ``generalist.class_source: auto`` scores both
+    sources on: ``data.selection``, else an SSL4MIS folder's ``val.list`` (when the test split does not come
+    from it), else the labeled training cases (the specialist's own training data: its Dice there is
+    optimistic, which the caller says). ``data.max_selection`` keeps the first N. ConfigError listing every
+    bad id, a case without a label, or a selection case that is also labeled, unlabeled or test."""
+    if cfg.selection is not None:
+        cases, source = list(cfg.selection), "data.selection"
+    elif info.split_lists.get("val") and not set(info.split_lists["val"]) & set(split.test):
+        cases, source = list(info.split_lists["val"]), f"val.list of {info.root}"
+    else:
+        cases, source = list(split.labeled), "the labeled training cases (no held-out labeled cases)"
+        return cases[: cfg.max_selection] if cfg.max_selection is not None else cases, source
+    problems: list[str] = []
+    _check({"selection": cases}, info, source, problems)
+    for c in cases:
+        for part in ("labeled", "unlabeled", "test"):
+            if c in getattr(split, part):
+                problems.append(f"{source}: case {c!r} is also a {part} case; selection cases must be held out")
+    if problems:
+        raise ConfigError(f"bad selection cases ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
+                          + "\n  ".join(problems))
+    return (cases[: cfg.max_selection] if cfg.max_selection is not None else cases), source

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import GeneralistConfig
+from pipeline.config import GeneralistConfig, RunConfig
 from pipeline.generalist.base import Generalist
+from pipeline.generalist.cache import EmbeddingCache
+from pipeline.storage import Location
 
 
 def generalist_name(cfg: GeneralistConfig) -> str:
@@ -27,3 +29,16 @@ def make_generalist(cfg: GeneralistConfig, device: torch.device) -> Generalist:
     from pipeline.generalist.sam import SamGeneralist, load_sam
 
     return SamGeneralist(load_sam(cfg.sam, device), cfg.sam, device)
+
+
+def embedding_cache(cfg: RunConfig, generalist: Generalist) -> EmbeddingCache | None:
+    """The embedding cache of a run's generalist (SAM only; None when it is not cached):
+    ``generalist.cache_dir``, else the run folder's ``embeddings.zarr``, under the key of this checkpoint
+    (its bytes hashed here: call once per actor) and preprocessing."""
+    g = cfg.generalist
+    if not (g.cache_embeddings and getattr(generalist, "cacheable", False)):
+        return None
+    from pipeline.generalist.sam import sam_embedding_cache  # only SAM is cacheable
+
+    root = Location.of(g.cache_dir, cfg.storage_options) if g.cache_dir else cfg.run_dir / "embeddings.zarr"
+    return sam_embedding_cache(root, g.sam, cfg.data.slice_axis, g.cache_dtype)

