@@ -405,7 +405,7 @@ class Coordinator:
             for r in range(self.cfg.rounds):
                 if r in completed:
                     continue
-                log.info("round %d of %d starts", r, self.cfg.rounds - 1)
+                log.info("round %d starts (rounds 0 to %d)", r, self.cfg.rounds - 1)
                 summary = self.run_round(r)
                 summaries.append(summary)
                 log.info(summary.line())

@@ -165,3 +165,21 @@ def test_missing_package_is_refused_naming_it():
 def test_image_size_other_than_256_is_refused():
     with pytest.raises(CheckpointError, match="256 x 256"):
         check_sam_checkpoint(SamConfig(variant="lite_medsam", image_size=512))
+
+
+def test_real_weights_segment_a_boxed_object_without_shared_data(lite):
+    """Runs everywhere (no ../shared): the packaged weights on a synthetic MR-like slice, a bright ellipse
+    on a textured darker background, prompted with its box. Measured 2026-11-29: Dice 0.983 against the
+    ellipse, 0.822 against its box (a model that filled the box would score the reverse)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :80]
+    obj = ((yy - 50) / 18) ** 2 + ((xx - 36) / 12) ** 2 <= 1
+    img = (200 + 20 * rng.normal(size=obj.shape) + 400 * obj).astype(np.float32)[None]
+    prompts = _gt_box_prompts(obj, [1])
+    mask = lite.decode(lite.embed(img)[0], obj.shape, prompts).masks[0]
+    box = np.zeros_like(obj)
+    box[yy.min(where=obj, initial=96):yy.max(where=obj, initial=0) + 1,
+        xx.min(where=obj, initial=80):xx.max(where=obj, initial=0) + 1] = True
+    print("synthetic ellipse Dice", dice(mask, obj), "vs its box", dice(mask, box))
+    assert dice(mask, obj) > 0.93
+    assert dice(mask, obj) > dice(mask, box) + 0.05  # the object's outline, not the box filled
