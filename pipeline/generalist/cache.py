@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 import zarr
-from zarr.errors import ContainsArrayError
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from pipeline.storage import Location, sha256_hex
 
@@ -74,6 +74,19 @@ def _checksum(stored: np.ndarray) -> str:
     return f"{zlib.crc32(np.ascontiguousarray(stored)):08x}"
 
 
+def _open_or_create_group(store, path: str, tries: int = 5):
+    """``zarr.open_group(mode="a")``, safe when another process creates the same group at the same moment:
+    zarr checks that the group is absent, then creates it, and a group made in between raises
+    ContainsGroupError; the group then exists, so it is opened (found by the two-process cache test)."""
+    for attempt in range(tries):
+        try:
+            return zarr.open_group(store=store, path=path, mode="a")
+        except ContainsGroupError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class EmbeddingCache:
     """Embeddings of one key (one generalist with one checkpoint and preprocessing) under ``root``.
 
@@ -89,7 +102,7 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         self._store = self.root.zarr_store()
-        group = zarr.open_group(store=self._store, path=key, mode="a")
+        group = _open_or_create_group(self._store, key)
         if key_fields is not None and group.attrs.asdict() != key_fields:
             # every writer of this key writes the same fields, so a race leaves the same attrs
             group.attrs.update(key_fields)
