@@ -27,8 +27,17 @@ import shlex
 import sys
 from pathlib import Path
 
+import benchmarks.quality as q
 from benchmarks.common import setup_logging
-from benchmarks.quality import aggregate, load_cells, paired_differences, paired_markdown, run_cell
+from benchmarks.quality import (
+    _PL,
+    _STRONG,
+    aggregate,
+    load_cells,
+    paired_differences,
+    paired_markdown,
+    run_cell,
+)
 from pipeline.atomic import atomic_write_text
 from pipeline.config import load_config
 
@@ -61,14 +70,9 @@ BUDGET: dict[str, list[str]] = {
 """The same for every row of a set: rounds x iterations, the unlabeled cases relabeled (the first 40, so
 that encoding them once fits the 2-core machine), the held-out selection cases."""
 
-_NO_PL = "train.pseudo_label.enabled=false"
-_PL = ["train.method=mean_teacher", "train.pseudo_label.enabled=true", "eval.audit_pseudo_labels=true"]
-_OFFICIAL = ["train.pseudo_label.loss=mse", "train.pseudo_label.schedule=down", "train.pseudo_label.weight=0.05"]
-_STRONG = ["train.pseudo_label.loss=ce_dice", "train.pseudo_label.schedule=up", "train.pseudo_label.weight=0.5"]
+_OFFICIAL = q.ROWS["mean_teacher+semisam_official"][len(q._PL):]
 ROWS: dict[str, list[str]] = {
-    "supervised": ["train.method=supervised", _NO_PL],
-    "mean_teacher": ["train.method=mean_teacher", _NO_PL],
-    "uamt": ["train.method=uamt", _NO_PL],
+    **{row: q.ROWS[row] for row in ("supervised", "mean_teacher", "uamt")},  # the same rows as the hippocampus matrix
     "semisam_official": [*_PL, *_OFFICIAL, "generalist.class_source=generalist"],
     "semisam_strong": [*_PL, *_STRONG, "generalist.class_source=generalist"],
     "best": [*_PL, *_STRONG, "generalist.class_source=auto", "generalist.overlap=nested"],
@@ -148,8 +152,6 @@ def report(cells_dir: Path, out: Path) -> str:
 
 def aggregate_by_set(cells: list[dict]) -> list[dict]:
     """:func:`benchmarks.quality.aggregate` with this module's rows and the set in place of k."""
-    import benchmarks.quality as q
-
     saved = q.ROWS
     q.ROWS = ROWS
     try:

@@ -92,6 +92,24 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     return save_tiny_sam(tmp_path_factory.mktemp("sam") / "tiny_sam.pt", seed=0)
 
 
+@pytest.fixture(scope="module")
+def specialist(synthetic_root, tmp_path_factory):
+    """A specialist trained 40 iterations on the synthetic cases (round 0), with one unlabeled image:
+    (config dict, model in eval mode, dataset info, case id, image). At this size it predicts class 1 and
+    never the small class 2 (tests/test_class_source.py relies on that, and checks it)."""
+    from pipeline.models.unet import build_model
+    from workers.trainer import TrainerWorker
+
+    d = small_config_dict(synthetic_root, tmp_path_factory.mktemp("specialist"), train={"iterations": 40})
+    trainer = TrainerWorker(d)
+    trainer.train_round(0, None)
+    model = build_model(trainer.model_args())
+    model.load_state_dict(trainer.weights())
+    model.eval()
+    v = trainer.unlabeled[0]
+    return d, model, read_dataset_info(synthetic_root), v.case_id, v.image
+
+
 def small_config_dict(data_root: Path, run_root: Path, sam_checkpoint: Path | None = None, **sections) -> dict:
     """A run config small enough for tests on 2 CPUs: 2D U-Net (base 4), 6 iterations a round,
     2 labeled cases, tiny SAM (or the classical generalist when no checkpoint is given), 2 SAM actors."""

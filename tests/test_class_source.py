@@ -15,12 +15,10 @@ from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_selection, resolve_split
 from pipeline.errors import ConfigError
 from pipeline.generalist.factory import make_generalist
-from pipeline.models.unet import build_model
 from pipeline.prompts import prompts_for_slice
 from pipeline.relabel import merge_class_masks, relabel_case
 from pipeline.store import PseudoLabelStore
 from tests.conftest import run_to_end, shared_path, small_config_dict
-from workers.trainer import TrainerWorker
 
 CPU = torch.device("cpu")
 
@@ -83,21 +81,6 @@ def test_box_only_prompts_draw_the_same_randomness():
 
 
 # ------------------------------------------------------------------ relabel with a trained specialist
-@pytest.fixture(scope="module")
-def specialist(synthetic_root, tmp_path_factory):
-    """A specialist trained on the synthetic cases (round 0). At this size it predicts class 1 and never
-    the small class 2, which the tests below rely on (and check)."""
-    d = small_config_dict(synthetic_root, tmp_path_factory.mktemp("src"), train={"iterations": 60})
-    trainer = TrainerWorker(d)
-    trainer.train_round(0, None)
-    model = build_model(trainer.model_args())
-    model.load_state_dict(trainer.weights())
-    model.eval()
-    info = read_dataset_info(synthetic_root)
-    v = trainer.unlabeled[0]
-    return d, model, info, v.case_id, v.image
-
-
 def _relabel(specialist, sources, sam_checkpoint=None):
     d, model, info, case_id, image = specialist
     if sam_checkpoint is not None:

@@ -13,17 +13,14 @@ import pytest
 import torch
 
 from pipeline.config import PromptConfig, config_from_dict
-from pipeline.data.dataset import load_image, read_dataset_info
 from pipeline.errors import ConfigError, StoreError
 from pipeline.generalist.factory import make_generalist
-from pipeline.models.unet import build_model
 from pipeline.prompts import ensemble_prompts, prompts_for_slice, specialist_region
 from pipeline.relabel import consensus, relabel_case
 from pipeline.reports import inspect_frame
 from pipeline.store import PseudoLabelStore
 from pipeline.training.pseudo_labels import gated_pseudo_label, load_pseudo_labels
 from tests.conftest import run_to_end, small_config_dict
-from workers.trainer import TrainerWorker
 
 CPU = torch.device("cpu")
 
@@ -110,20 +107,6 @@ def test_uncertainty_weighting_needs_an_ensemble(synthetic_root, tmp_path):
 
 
 # ------------------------------------------------------------------ relabel with a trained specialist
-@pytest.fixture(scope="module")
-def specialist(synthetic_root, tmp_path_factory):
-    """A specialist trained 40 iterations on the synthetic cases (round 0), with one unlabeled image."""
-    d = small_config_dict(synthetic_root, tmp_path_factory.mktemp("ens"), train={"iterations": 40})
-    trainer = TrainerWorker(d)
-    trainer.train_round(0, None)
-    model = build_model(trainer.model_args())
-    model.load_state_dict(trainer.weights())
-    model.eval()
-    info = read_dataset_info(synthetic_root)
-    case_id = trainer.unlabeled[0].case_id
-    return d, model, info, case_id, load_image(info, case_id, "zscore")[0]
-
-
 def _relabel(specialist, n: int, sam_checkpoint=None):
     d, model, info, case_id, image = specialist
     d = {**d, "prompts": {"ensemble": n}}
