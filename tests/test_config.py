@@ -382,3 +382,12 @@ def test_shipped_configs_load_and_name_the_term_form_they_say():
         for key in ("loss", "schedule", "weight", "rampup_iterations"):
             del tree["train"]["pseudo_label"][key]
     assert official == strong
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.consistency.weight=inf", "train.pseudo_label.weight=nan",
+                                      "generalist.auto_min_gain=-inf"])
+def test_non_finite_numbers_are_refused_by_key(override, tmp_path):
+    """lr=inf trained to a NaN loss and test Dice 0 with exit 0 (issue 16 item 6): refused before any work."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(Path(__file__).resolve().parents[1] / "conf" / "demo.yaml", [override])
