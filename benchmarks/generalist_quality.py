@@ -27,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import benchmarks.quality as q
+import benchmarks.quality as q  # the hippocampus matrix: its row overrides are reused
 from benchmarks.common import setup_logging
 from benchmarks.quality import (
     _PL,
@@ -140,7 +140,7 @@ def report(cells_dir: Path, out: Path) -> str:
     cells = load_cells(cells_dir)
     for c in cells:  # aggregate/paired key on (row, k): make k the set
         c["k"] = c.get("set", c["k"])
-    table = aggregate_by_set(cells)
+    table = aggregate(cells, list(ROWS))
     by = {(c["row"], c["k"], c["seed"]): c["final"]["dice"] for c in cells}
     pairs = paired_differences(by, COMPARISONS)
     audit = {(c["row"], c["k"], c["seed"]): a for c in cells for a in c["audit"] if a["round"] == 1}
@@ -148,16 +148,6 @@ def report(cells_dir: Path, out: Path) -> str:
                                        "round1_audit": {"|".join(map(str, k)): v for k, v in audit.items()}},
                                       indent=1, default=float))
     return lite_markdown(table, cells) + "\n\n" + paired_markdown(pairs)
-
-
-def aggregate_by_set(cells: list[dict]) -> list[dict]:
-    """:func:`benchmarks.quality.aggregate` with this module's rows and the set in place of k."""
-    saved = q.ROWS
-    q.ROWS = ROWS
-    try:
-        return aggregate(cells)
-    finally:
-        q.ROWS = saved
 
 
 def main(argv: list[str] | None = None) -> int:

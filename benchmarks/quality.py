@@ -169,13 +169,15 @@ def load_cells(cells_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
 
 
-def aggregate(cells: list[dict]) -> list[dict]:
-    """One entry per (row, k): mean and std over seeds of every final metric, and of the audit per round."""
+def aggregate(cells: list[dict], rows: list[str] | None = None) -> list[dict]:
+    """One entry per (row, k): mean and std over seeds of every final metric, and of the audit per round.
+    Entries are ordered by ``rows`` (default: this module's :data:`ROWS`), then k."""
+    order = list(ROWS) if rows is None else list(rows)
     groups: dict[tuple[str, int], list[dict]] = {}
     for c in cells:
         groups.setdefault((c["row"], c["k"]), []).append(c)
     out = []
-    for (row, k), cs in sorted(groups.items(), key=lambda x: (list(ROWS).index(x[0][0]), x[0][1])):
+    for (row, k), cs in sorted(groups.items(), key=lambda x: (order.index(x[0][0]), x[0][1])):
         entry: dict = {"row": row, "k": k, "seeds": sorted(c["seed"] for c in cs)}
         for key in cs[0]["final"]:
             vals = np.array([c["final"][key] for c in cs], float)

@@ -24,16 +24,11 @@ the myocardium's box) keeps its own mask.
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pandas as pd
 
 from pipeline.metrics import dice
-
-log = logging.getLogger(__name__)
-
-SOURCES = ("generalist", "specialist", "auto")
 
 
 def configured_sources(setting: str | dict, class_ids: list[int]) -> dict[int, str]:
@@ -76,8 +71,8 @@ def selection_table(case_id: str, pseudo: np.ndarray, specialist: np.ndarray, la
 
 def decide(configured: dict[int, str], table: pd.DataFrame | None, min_gain: float) -> tuple[dict[int, str], dict]:
     """(class -> ``generalist``/``specialist``, evidence) from the configured sources and, for ``auto``
-    classes, the selection table (mean Dice over the selection cases; NaN rows, where both the label and
-    the prediction are empty, left out). Evidence: class -> {generalist_dice, specialist_dice, cases}."""
+    classes, the selection table (mean Dice over the selection cases; a class absent from a case and
+    from both predictions counts 1.0 for both, as :func:`pipeline.metrics.dice` scores it). Evidence: class -> {generalist_dice, specialist_dice, cases}."""
     out: dict[int, str] = {}
     evidence: dict[int, dict] = {}
     for c, src in configured.items():

@@ -125,6 +125,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
     uncertainty = np.zeros(specialist.shape, np.float32) if n_members > 1 else None
     scores = np.full((len(slices), len(class_ids)), np.nan, np.float32)
     rows = []
+    source_json = as_json(sources if sources is not None else {c: "generalist" for c in class_ids})
     for s, slice_members in enumerate(members):
         score_by_class: dict[str, float] = {}
         member_maps = None  # uint8 (N, H, W) once decoded
@@ -164,7 +165,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
             "specialist_fg_fraction": float((specialist[s] > 0).mean()),
             "agreement_dice": _fg_dice(pseudo[s], specialist[s]),
             "embedding_cached": s in cached,
-            "class_source": as_json(sources if sources is not None else {c: "generalist" for c in class_ids}),
+            "class_source": source_json,
             **ensemble_columns(slice_members, None if uncertainty is None else uncertainty[s], member_maps),
         })
     return CaseRelabel(pseudo, specialist, scores, rows, uncertainty)
