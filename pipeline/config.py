@@ -391,8 +391,19 @@ class FaultConfig(_Strict):
     placement_timeout_s: float = Field(default=120.0, gt=0)
     """How long to wait for the cluster to place the trainer, or any SAM actor, before stopping with a
     message that names the missing resources (an autoscaler may add nodes meanwhile)."""
+    hung_after_s: float = Field(default=60.0, gt=0)
+    """Hang detection. A SAM actor whose call has run past max(``hung_after_s``, ``hung_factor`` x the median
+    call time so far; ``hung_factor`` x ``hung_after_s`` before any call returned) is asked whether it is
+    alive (it answers from a thread of its own); with no answer within ``hung_after_s`` it is declared hung:
+    named, killed, restarted by Ray, and its cases re-queued (one that answers is busy, e.g. a case that
+    missed the embedding cache: it is given more time, with a warning). The trainer is asked every 5 s; one
+    that has not answered for ``hung_after_s`` is killed and restarted from the newest published checkpoint."""
+    hung_factor: float = Field(default=10.0, ge=1)
+    """See ``hung_after_s``."""
     lock_stale_s: float = Field(default=60.0, gt=0)
-    """A run folder's lock whose driver has not renewed it for this long is taken over (the driver died)."""
+    """A run folder's lock whose driver has not renewed it for this long is taken over (the driver died), even
+    when a process with its pid runs on this host (pids are reused, e.g. after a reboot). A live driver
+    renews it every ``lock_stale_s / 4``."""
 
 
 class WorkersConfig(_Strict):

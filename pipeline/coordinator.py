@@ -44,12 +44,12 @@ from pipeline.config import RunConfig, dump_config, with_absolute_paths, with_de
 from pipeline.data.dataset import read_data
 from pipeline.data.splits import resolve_selection, resolve_split
 from pipeline.data.validate import validate_cases
-from pipeline.errors import ConfigError, PlacementError, SemisamError, WorkerError
+from pipeline.errors import ConfigError, HungError, PlacementError, SemisamError, StoreError, WorkerError
 from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.generalist.factory import generalist_name
 from pipeline.interrupt import POLL_SECONDS, StopFlag
 from pipeline.placement import describe, plan_pool, request_of
-from pipeline.pool import DEAD, SamPool, creation_failed, short_cause, task_error_cause
+from pipeline.pool import DEAD, HangWatch, SamPool, creation_failed, kill_actor, short_cause, task_error_cause
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.run_lock import RunLock
@@ -67,6 +67,14 @@ RESUMABLE_CHANGES = {"rounds", "workers", "device"}
 MANIFEST_FLUSH_SECONDS = 10.0
 # Calls queued per ready SAM actor (one running, one waiting, so an actor never idles between cases).
 CALLS_PER_ACTOR = 2
+# How often the driver asks a busy trainer whether it is alive (see Coordinator._get).
+HEARTBEAT_SECONDS = 5.0
+# How long the driver waits for the SAM actors' counters at the end of a run (they are only statistics).
+STATS_TIMEOUT_S = 10.0
+
+
+class _TrainerLost(Exception):
+    """The trainer died or hung during a call (internal: turned into a restart, or a WorkerError)."""
 
 
 @dataclass
@@ -217,6 +225,7 @@ class Coordinator:
         self.trainer_info: dict = {}
         self.trainer_restarts = 0
         self.pool: SamPool | None = None
+        self.hang_watch = HangWatch(cfg.workers.faults.hung_after_s, cfg.workers.faults.hung_factor)
         try:
             self.state = prepare_run_dir(cfg)
             self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
@@ -231,7 +240,9 @@ class Coordinator:
 
     # -- actors ----------------------------------------------------------------------------------
     def _actor_options(self, cls, resources):
-        return remote_actor(cls, resources, max_restarts=self.faults.actor_restarts, max_task_retries=0)
+        # the trainer answers ``alive`` from a thread of its own while a long call runs (hang detection)
+        groups = {"concurrency_groups": {"health": 1}} if hasattr(cls, "alive") else {}
+        return remote_actor(cls, resources, max_restarts=self.faults.actor_restarts, max_task_retries=0, **groups)
 
     def _place_actors(self) -> None:
         w = self.cfg.workers
@@ -278,38 +289,80 @@ class Coordinator:
                     raise WorkerError(f"the trainer did not come back: {short_cause(e)}") from None
                 time.sleep(0.5)  # restarting: ask again
 
-    def _get(self, ref, deadline: float | None = None):
-        """``ray.get`` that wakes every POLL_SECONDS for Ctrl-C/SIGTERM; GetTimeoutError past ``deadline``."""
+    def _get(self, ref, deadline: float | None = None, watch=None):
+        """``ray.get`` that wakes every POLL_SECONDS for Ctrl-C/SIGTERM; GetTimeoutError past ``deadline``.
+
+        ``watch`` (an actor handle with an ``alive`` method in its own concurrency group): while waiting,
+        the actor is asked ``alive()`` every ``HEARTBEAT_SECONDS``; one that has not answered for
+        ``faults.hung_after_s`` is declared hung (HungError): a stopped or wedged process never answers,
+        a busy one does (from its own thread)."""
+        beat, beat_sent, last_answer = None, 0.0, time.monotonic()
         while True:
             self.stop.check()
             ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
             if ready:
                 return ray.get(ref)
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise GetTimeoutError("deadline passed")
+            if watch is None:
+                continue
+            if beat is not None and ray.wait([beat], timeout=0)[0]:
+                beat, last_answer = None, now
+            if beat is None and now - beat_sent >= HEARTBEAT_SECONDS:
+                beat, beat_sent = watch.alive.remote(), now
+            if now - last_answer > self.faults.hung_after_s:
+                raise HungError(f"no answer to a heartbeat for {now - last_answer:.0f} s "
+                                f"(workers.faults.hung_after_s={self.faults.hung_after_s:.0f})")
+
+    def _trainer_once(self, what: str, method: str, *args):
+        """One trainer call. An error the method raises is final (SemisamError as is, else WorkerError); a
+        trainer that dies or hangs (then killed: Ray restarts it) raises _TrainerLost."""
+        try:
+            return self._get(getattr(self.trainer, method).remote(*args), watch=self.trainer)
+        except RayTaskError as e:
+            cause = task_error_cause(e)
+            if isinstance(cause, SemisamError):
+                raise cause from None
+            raise WorkerError(f"the trainer failed in {what}: {short_cause(e)}") from None
+        except RayActorError as e:
+            raise _TrainerLost(short_cause(e)) from None
+        except HungError as e:
+            where = f"pid {self.trainer_info.get('pid')} on {self.trainer_info.get('host')}"
+            log.error("the trainer (%s) is hung in %s: %s; killing it (Ray restarts it)", where, what, e)
+            kill_actor(self.trainer, self.trainer_info)
+            raise _TrainerLost(f"hung in {what}: {e}") from None
 
     def _trainer_call(self, what: str, method: str, *args):
-        """Call a trainer method; if the trainer dies, wait for Ray to restart it, reload the last published
-        checkpoint and call again (``faults.trainer_attempts`` tries). An error the method raises is final."""
+        """Call a trainer method; if the trainer dies or hangs, wait for Ray to restart it, reload the newest
+        published checkpoint and call again (``faults.trainer_attempts`` tries)."""
+        return self._with_trainer_retries(what, lambda: self._trainer_once(what, method, *args))
+
+    def _with_trainer_retries(self, what: str, body):
         for attempt in range(1, self.faults.trainer_attempts + 1):
             try:
-                return self._get(getattr(self.trainer, method).remote(*args))
-            except RayTaskError as e:
-                cause = task_error_cause(e)
-                if isinstance(cause, SemisamError):
-                    raise cause from None
-                raise WorkerError(f"the trainer failed in {what}: {short_cause(e)}") from None
-            except RayActorError as e:
+                if attempt > 1:
+                    self._revive_trainer()
+                return body()
+            except _TrainerLost as e:
                 if attempt == self.faults.trainer_attempts:
-                    raise WorkerError(f"the trainer died {attempt} times in {what} (last: {short_cause(e)}); "
-                                      "stopping. Rerun to resume after the last completed round") from None
-                log.warning("the trainer died in %s (%s); restarting it from the last checkpoint (try %d of %d)",
-                            what, short_cause(e), attempt + 1, self.faults.trainer_attempts)
-                self._revive_trainer()
+                    raise WorkerError(f"the trainer was lost {attempt} times in {what} (last: {e}); stopping. "
+                                      "Rerun to resume after the last completed round") from None
+                log.warning("the trainer was lost in %s (%s); restarting it from the newest published checkpoint "
+                            "(try %d of %d)", what, e, attempt + 1, self.faults.trainer_attempts)
         raise AssertionError("unreachable")
 
+    def _train_and_publish(self, r: int, pseudo_round: int | None, pseudo_cases: list[str] | None) -> tuple[dict, str]:
+        """Train round ``r`` and publish checkpoint ``r`` as one unit: a trainer lost in either is restored to
+        checkpoint ``r - 1`` and trains again, so a checkpoint always holds its own round's training."""
+        def body():
+            stats = self._trainer_once(f"training round {r}", "train_round", r, pseudo_round, pseudo_cases)
+            return stats, self._trainer_once(f"publishing checkpoint {r}", "publish", r)
+        return self._with_trainer_retries(f"training round {r}", body)
+
     def _revive_trainer(self) -> None:
-        """After the trainer died: wait for it (Ray restarts it) or start a new one, then restore."""
+        """After the trainer died or hung: wait for it (Ray restarts it) or start a new one, then restore the
+        newest published checkpoint (the current round's when it was published before the loss)."""
         self.trainer_restarts += 1
         try:
             self._await_trainer()
@@ -318,11 +371,10 @@ class Coordinator:
             self.trainer = self._actor_options(TrainerWorker, self.cfg.workers.trainer).remote(
                 self.cfg.model_dump(mode="json"))
             self._await_trainer()
-        published = sorted(int(v) for v in self.state["checkpoints"])
-        done = [v for v in published if v in self.state["completed"]]
-        if done:
-            self._get(self.trainer.restore.remote(done[-1], self.state["checkpoints"][str(done[-1])]))
-            log.info("trainer restored checkpoint %d", done[-1])
+        if self.state["checkpoints"]:
+            newest = max(int(v) for v in self.state["checkpoints"])
+            self._trainer_once("restoring", "restore", newest, self.state["checkpoints"][str(newest)])
+            log.info("trainer restored checkpoint %d", newest)
 
     def shutdown(self) -> None:
         try:
@@ -333,24 +385,64 @@ class Coordinator:
         except Exception as e:  # noqa: BLE001 - shutting down after a failure: report, go on
             log.debug("killing actors: %s", e)
         if self._started_ray:
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            except Exception as e:  # noqa: BLE001 - shutting down, maybe after another error: never raise over it
+                log.warning("stopping the local Ray cluster: %s", e)
             self._started_ray = False
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
 
     # -- rounds ----------------------------------------------------------------------------------
-    def _verified_completed(self) -> list[int]:
-        """Completed rounds whose checkpoint is still there; from a missing one on, rounds are redone."""
+    def _check_chain(self) -> list[int]:
+        """The completed rounds whose provenance holds; from the first broken link on, rounds are redone.
+
+        Round r's links: checkpoint r exists with a SHA-256 in state.json; its test table, if any, was
+        computed with that checkpoint; its pseudo-labels were made by checkpoint r - 1 as state.json
+        records it. (A checkpoint's bytes are verified when it is loaded.) A checkpoint published by the
+        unfinished round after the last completed one is kept when its file is there: that round then
+        evaluates it instead of training again."""
         completed = sorted(self.state["completed"])
         for r in completed:
-            if not checkpoint_path(self.cfg.run_dir, r).is_file():
-                log.warning("checkpoint %d of %s is missing: rounds %d.. are redone", r, self.cfg.run_dir, r)
-                keep = [c for c in completed if c < r]
-                self.state["completed"] = keep
+            why = self._broken_link(r)
+            if why:
+                log.warning("round %d of %s: %s; rounds %d.. are redone", r, self.cfg.run_dir, why, r)
+                self.state["completed"] = [c for c in completed if c < r]
                 self.state["summaries"] = [s for s in self.state["summaries"] if s["round"] < r]
-                return keep
+                self._forget_checkpoints_from(r)
+                self._save_state()
+                return self.state["completed"]
+        nxt = completed[-1] + 1 if completed else 0
+        if not checkpoint_path(self.cfg.run_dir, nxt).is_file():
+            self._forget_checkpoints_from(nxt)
+        self._forget_checkpoints_from(nxt + 1)
         return completed
+
+    def _broken_link(self, r: int) -> str | None:
+        """Why completed round ``r`` cannot stand (see ``_check_chain``), or None."""
+        if not checkpoint_path(self.cfg.run_dir, r).is_file():
+            return f"checkpoint {r} is missing"
+        sha = self.state["checkpoints"].get(str(r))
+        if not sha:
+            return f"checkpoint {r} has no SHA-256 in state.json"
+        eval_loc = self.cfg.run_dir / "eval" / f"round_{r:03d}.parquet"
+        if eval_loc.exists():
+            table = read_table(eval_loc)
+            if "checkpoint_sha256" in table and set(table["checkpoint_sha256"].dropna()) - {sha}:
+                return f"its test table {eval_loc.name} was computed with another checkpoint than checkpoint {r}"
+        if r > 0 and self.relabels:
+            want = self.state["checkpoints"].get(str(r - 1))
+            made_by = set(self.store.manifest(r)["checkpoint_sha256"]) - {""}
+            if want and made_by - {want}:
+                return f"its pseudo-labels were made by another checkpoint {r - 1} than state.json records"
+        return None
+
+    def _forget_checkpoints_from(self, r: int) -> None:
+        """Drop the recorded SHA-256s (and training statistics) of checkpoints ``r``.. (they are redone)."""
+        for key in ("checkpoints", "train_stats"):
+            for v in [k for k in self.state.get(key, {}) if int(k) >= r]:
+                del self.state[key][v]
 
     def _warm_start(self) -> None:
         """Take round 0 from ``train.init_from`` (see the config docstring): its checkpoint (verified),
@@ -396,8 +488,9 @@ class Coordinator:
         with self.stop:
             if self.cfg.train.init_from and 0 not in self.state["completed"]:
                 self._warm_start()
-            completed = self._verified_completed()
+            completed = self._check_chain()
             if completed:
+                self._repair_completed(completed)
                 last = completed[-1]
                 self._trainer_call("restore", "restore", last, self.state["checkpoints"].get(str(last)))
                 log.info("resuming %s after round %d", self.cfg.run_dir, last)
@@ -437,41 +530,83 @@ class Coordinator:
                     summary.audit.update({k: float(audit[k].mean()) for k in (
                         "pseudo_dice_certain", "specialist_dice_certain", "certain_fraction")})
         pseudo_round = r if pseudo_cases else None
-        self.on_event("train_start", self, round=r)
-        summary.train = self._trainer_call(f"training round {r}", "train_round", r, pseudo_round, pseudo_cases)
-        sha = self._trainer_call(f"publishing checkpoint {r}", "publish", r)
-        self.state["checkpoints"][str(r)] = sha
-        self._save_state()
+        published = self.state["checkpoints"].get(str(r))
+        if published and summary.relabel.get("relabeled_now", 0) == 0:
+            # published before the driver was stopped, from the same pseudo-labels: used, not retrained
+            self._trainer_call(f"restoring checkpoint {r}", "restore", r, published)
+            summary.train = dict(self.state.get("train_stats", {}).get(str(r), {}))
+            log.info("round %d: checkpoint %d was published before the interruption; it is used, not retrained", r, r)
+        else:
+            self._forget_checkpoints_from(r)
+            self.on_event("train_start", self, round=r)
+            summary.train, sha = self._train_and_publish(r, pseudo_round, pseudo_cases)
+            self.state["checkpoints"][str(r)] = sha
+            self.state.setdefault("train_stats", {})[str(r)] = summary.train
+            self._save_state()
+        self.on_event("published", self, round=r)
         if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
             summary.test = round_means(self._trainer_call(f"evaluating round {r}", "evaluate", r))
         summary.seconds = time.perf_counter() - start
         return summary
 
     # -- relabeling ------------------------------------------------------------------------------
+    def _invalid_cases(self, r: int) -> set[str]:
+        """Cases with manifest rows in round ``r`` that must not be used, their rows removed so that they are
+        redone: arrays missing, a chunk that fails its checksum (every chunk of the round is read), or
+        made by another checkpoint than the ``r - 1`` that state.json records (it was retrained since)."""
+        m = self.store.manifest(r)
+        done = set(m["case_id"])
+        if not done:
+            return set()
+        want = self.state["checkpoints"].get(str(r - 1), "")
+        sha = m["checkpoint_sha256"].astype(str)
+        other = m[(sha != "") & (sha != want)] if want else m.iloc[:0]
+        bad = {c: f"made by checkpoint {r - 1} with SHA-256 {s[:12]}..., now {want[:12]}..."
+               for c, s in zip(other["case_id"], other["checkpoint_sha256"], strict=True)}
+        present = self.store.case_status(r)
+        bad.update({c: "arrays missing" for c in done - set(bad) if not present.get(c, False)})
+        bad.update(self.store.damaged_cases(r, sorted(done - set(bad))))
+        if bad:
+            shown = "; ".join(f"{c}: {why}" for c, why in sorted(bad.items())[:5])
+            log.warning("round %d: %d cases in the manifest cannot be used and are redone (%s%s)", r, len(bad),
+                        shown, " ..." if len(bad) > 5 else "")
+            self.store.remove_cases(r, set(bad))
+        return set(bad)
+
     def _todo(self, r: int) -> list[str]:
-        """Unlabeled cases not yet done in round ``r``. A case with manifest rows whose arrays are gone
-        (deleted, lost) loses its rows and is redone; one with arrays but no rows is simply redone."""
+        """Unlabeled cases not yet (validly) done in round ``r`` (see ``_invalid_cases``); a case with arrays
+        but no rows is simply redone (its arrays are replaced whole)."""
+        self._invalid_cases(r)
         done = self.store.completed_cases(r)
-        if done:
-            present = self.store.case_status(r)
-            broken = {c for c in done if not present.get(c, False)}
-            if broken:
-                log.warning("round %d: %d cases are in the manifest but their arrays are missing (%s); redoing them",
-                            r, len(broken), ", ".join(sorted(broken)[:5]) + (" ..." if len(broken) > 5 else ""))
-                self.store.remove_cases(r, broken)
-                done -= broken
         todo = [c for c in self.split.unlabeled if c not in done]
         if done:
             log.info("round %d: %d cases already relabeled, %d to go", r, len(done), len(todo))
         return todo
 
-    def relabel_round(self, r: int, checkpoint_version: int) -> dict:
+    def _repair_completed(self, completed: list[int]) -> None:
+        """Redo the cases of completed relabel rounds that cannot be used (``_invalid_cases``) with the
+        checkpoint that made them, so the record is whole again; the rounds' training is not redone (it
+        used the cases before they were lost). Given-up cases stay given up."""
+        if not self.relabels:
+            return
+        for r in (r for r in completed if r > 0):
+            redo = sorted(self._invalid_cases(r))
+            if redo:
+                log.info("round %d is completed; relabeling %d of its cases again with checkpoint %d", r,
+                         len(redo), r - 1)
+                self._trainer_call(f"restoring checkpoint {r - 1}", "restore", r - 1,
+                                   self.state["checkpoints"].get(str(r - 1)))
+                self.relabel_round(r, r - 1, cases=redo)
+
+    def relabel_round(self, r: int, checkpoint_version: int, cases: list[str] | None = None) -> dict:
         """Hand whole cases to the SAM pool (a work queue, ``CALLS_PER_ACTOR`` calls per ready actor) and
         append the manifest as calls return. A call whose actor died goes back to the queue; a case that
-        keeps failing is given up after ``faults.case_attempts`` tries."""
+        keeps failing is given up after ``faults.case_attempts`` tries. An actor whose call runs past the
+        deadline (``HangWatch``) is declared hung: named, killed (Ray restarts it), its cases re-queued.
+        ``cases``: only these (a repair); default every case not yet done."""
         assert self.pool is not None
         self.store.ensure_round(r, checkpoint_version, generalist_name(self.cfg.generalist))
-        todo = self._todo(r)
+        todo = self._todo(r) if cases is None else list(cases)
         sources, evidence = self._class_sources(r, checkpoint_version) if todo else (None, {})
         added = self.pool.grow(self.sam_wanted)
         if added:
@@ -479,8 +614,9 @@ class Coordinator:
         # The specialist travels through the object store once; actors fetch it when their version differs
         # (also after a restart). The driver owns the object, so it outlives a trainer that dies; wrapped in
         # a list so Ray passes the reference, not the value.
-        weights_ref = ray.put(self._trainer_call("sharing weights", "weights"))
-        spec = (checkpoint_version, self._trainer_call("sharing model args", "model_args"), [weights_ref], sources)
+        weights_ref = ray.put(self._trainer_call("sharing weights", "weights", checkpoint_version))
+        sha = self.state["checkpoints"][str(checkpoint_version)]
+        spec = (checkpoint_version, self._trainer_call("sharing model args", "model_args"), [weights_ref], sources, sha)
         k = self.cfg.workers.sam.cases_per_task
         queue = [todo[i:i + k] for i in range(0, len(todo), k)]
         attempts: dict[str, int] = {}
@@ -509,7 +645,21 @@ class Coordinator:
                     while queue and busy < CALLS_PER_ACTOR:
                         cases = queue.pop(0)
                         in_flight[m.handle.relabel.remote(cases, r, *spec)] = (m, cases)
+                        self.hang_watch.submitted(m, was_idle=busy == 0)
                         busy += 1
+                for m, seconds in self.hang_watch.hung(self.pool.members):
+                    held = [ref for ref, (mm, _) in in_flight.items() if mm is m]
+                    log.error("round %d: %s has not returned a call for %.0f s (deadline %.0f s: max(%.0f s, %g x "
+                              "the median call; workers.faults.hung_after_s, hung_factor)) nor answered alive() for "
+                              "%.0f s: declared hung, killed and restarted; its cases go back to the queue", r,
+                              m.label, seconds, self.hang_watch.deadline(), self.faults.hung_after_s,
+                              self.faults.hung_factor, self.faults.hung_after_s)
+                    kill_actor(m.handle, m.info)
+                    self.hang_watch.forget(m)
+                    self.pool.lost(m, HungError(f"no answer for {seconds:.0f} s"))
+                    for i, ref in enumerate(held):  # calls run in order: only the first was running
+                        give_back(in_flight.pop(ref)[1], f"{m.label} hung ({seconds:.0f} s without an answer)",
+                                  count=i == 0)
                 if not in_flight:
                     if not self.pool.alive():
                         raise PlacementError(f"round {r}: every SAM actor is gone ({len(queue)} tasks left); "
@@ -531,13 +681,19 @@ class Coordinator:
                     if member is not None:
                         self.pool.resolve_ping(member)
                         continue
+                    if ref not in in_flight:  # a call of an actor declared hung: its cases went back already
+                        continue
                     m, cases = in_flight.pop(ref)
+                    self.hang_watch.returned(m, more_queued=any(mm is m for mm, _ in in_flight.values()))
                     try:
                         result = ray.get(ref)
                     except RayTaskError as e:
+                        if isinstance(task_error_cause(e), StoreError):  # storage failed or full: stop, resumable
+                            raise task_error_cause(e) from None
                         give_back(cases, f"{m.label}: {short_cause(e)}")
                         continue
                     except RayActorError as e:
+                        self.hang_watch.forget(m)
                         self.pool.lost(m, e)
                         give_back(cases, f"{m.label} died: {short_cause(e)}")
                         continue
@@ -547,13 +703,21 @@ class Coordinator:
                         give_back([c], f"{m.label}: {why}")
                     progress.advance(len(cases) - len(result["failed"]),
                                      extra=f"{len(self.pool.ready())} SAM actors")
-                    self.on_event("task_done", self, round=r, cases=cases)
+                    self.on_event("task_done", self, round=r, cases=cases, member=m.index)
                 if pending and (not in_flight or time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS):
                     self.store.append_manifest(pending)
                     pending, last_flush = [], time.monotonic()
-        finally:  # also when interrupted: what is finished is kept
+        except BaseException as first:  # also when interrupted: what is finished is kept
             if pending:
-                self.store.append_manifest(pending)
+                try:
+                    self.store.append_manifest(pending)
+                except Exception as e:  # noqa: BLE001 - never raise over the first error; a resume redoes them
+                    log.warning("round %d: the last %d finished cases could not be added to the manifest (%s); "
+                                "a resume redoes them", r, len({row["case_id"] for row in pending}),
+                                short_cause(e))
+            raise first
+        if pending:
+            self.store.append_manifest(pending)
         if failed:
             frac = len(failed) / max(1, len(self.split.unlabeled))
             msg = f"round {r}: gave up on {len(failed)} of {len(self.split.unlabeled)} cases"
@@ -580,6 +744,7 @@ class Coordinator:
             "fg_uncertainty": float(prompted["fg_uncertainty"].mean()) if len(prompted) else float("nan"),
             "failed_cases": failed,
             "workers_ready": len(self.pool.ready()),
+            "relabeled_now": len(todo) - len(failed),
             "class_source": {str(c): v for c, v in sources.items()} if sources else {},
             "class_source_evidence": {str(c): v for c, v in evidence.items()},
         }
@@ -610,10 +775,27 @@ class Coordinator:
         log.info("round %d class sources: %s", r, describe_sources(sources, evidence, self.info.labels))
         return sources, evidence
 
-    def worker_stats(self) -> list[dict]:
+    def worker_stats(self, timeout_s: float = STATS_TIMEOUT_S) -> list[dict]:
+        """The counters (``SamWorker.stats``) of every live SAM actor that answers within ``timeout_s``. One
+        that was never placed, is gone or does not answer in time is named in one warning and left out, so
+        a run that finished its rounds always gets past this and exits."""
         if self.pool is None:
             return []
-        return ray.get([m.handle.stats.remote() for m in self.pool.alive()])
+        members = self.pool.alive()
+        refs = [m.handle.stats.remote() for m in members]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        out, missing = [], []
+        for m, ref in zip(members, refs, strict=True):
+            if ref not in done:
+                missing.append(f"{m.label}: no answer within {timeout_s:.0f} s")
+                continue
+            try:
+                out.append(ray.get(ref, timeout=1))
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                missing.append(f"{m.label}: {short_cause(e)}")
+        if missing:
+            log.warning("worker statistics left out for %d SAM actors (%s)", len(missing), "; ".join(missing))
+        return out
 
 
 def run(cfg: RunConfig, on_event=None) -> list[RoundSummary]:

@@ -40,6 +40,14 @@ class WorkerError(SemisamError):
     """An actor failed in a way the run cannot recover from; the message names the actor, case and cause."""
 
 
+class NonFiniteError(SemisamError):
+    """Training produced a NaN or infinite loss or weight: the run stops, the last good checkpoint is kept."""
+
+
+class HungError(SemisamError):
+    """An actor did not answer within its deadline (it was killed and replaced, or the run stopped)."""
+
+
 class Interrupted(SemisamError):
     """The run was stopped by SIGINT/SIGTERM; completed work is kept and a rerun resumes."""
 

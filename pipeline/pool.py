@@ -12,6 +12,10 @@ with the ready ones (and says so), and fails only when none is ready for ``place
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +151,22 @@ class SamPool:
                 pass
 
 
+def kill_actor(handle, info: dict | None = None) -> None:
+    """Kill an actor so that Ray restarts it (``no_restart=False``; counts against ``max_restarts``). A hung
+    process may not act on Ray's request: when it runs on this host (``info``: its ``node_info``), it is
+    also sent SIGKILL."""
+    try:
+        ray.kill(handle, no_restart=False)
+    except Exception as e:  # noqa: BLE001 - already gone
+        log.debug("ray.kill: %s", e)
+    pid = (info or {}).get("pid")
+    if pid and (info or {}).get("host") == socket.gethostname():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def creation_failed(err: ActorDiedError) -> bool:
     """The actor died in ``__init__`` (a configuration error: restarting it would fail the same way)."""
     return "creation task" in str(err) or "__init__" in str(err)
@@ -157,3 +177,67 @@ def _creation_cause(err: ActorDiedError) -> str:
     lines = [t.strip() for t in text.splitlines() if t.strip()]
     errors = [t for t in lines if ("Error:" in t or "Error(" in t) and not t.startswith("ray.exceptions")]
     return (errors[-1] if errors else lines[-1] if lines else text)[:500]
+
+
+class HangWatch:
+    """Which SAM actors are hung: a call past its deadline, and no answer to ``alive()`` either.
+
+    Calls to one actor run one after another, so a member's running call starts when it gets work while
+    idle, or when its previous call returns with more queued. Deadline: ``max(min_s, factor x the median
+    call time so far)``; before any call has returned, ``factor x min_s`` (the first call also loads
+    weights and fills caches). The clock outlives a round, so later rounds use what earlier ones measured.
+    A call past its deadline is not yet a hang: a case that misses the embedding cache may take far longer
+    than the cached ones that set the median. The actor is then asked ``alive()``, which it answers from a
+    thread of its own; it is hung when that has no answer within ``min_s`` (a stopped or wedged process),
+    and given more time, with one warning, when it answers (busy).
+    """
+
+    def __init__(self, min_s: float, factor: float):
+        self.min_s, self.factor = min_s, factor
+        self.durations: list[float] = []
+        self.since: dict[int, float] = {}
+        self.probes: dict[int, tuple[object | None, float]] = {}  # member -> (pending alive() or None, when)
+        self.warned: set[int] = set()
+
+    def deadline(self) -> float:
+        if not self.durations:
+            return self.factor * self.min_s
+        return max(self.min_s, self.factor * float(statistics.median(self.durations[-200:])))
+
+    def submitted(self, m: Member, was_idle: bool) -> None:
+        if was_idle:
+            self.since[m.index] = time.monotonic()
+
+    def returned(self, m: Member, more_queued: bool) -> None:
+        now = time.monotonic()
+        if m.index in self.since:
+            self.durations.append(now - self.since[m.index])
+        self.forget(m)
+        if more_queued:
+            self.since[m.index] = now
+
+    def forget(self, m: Member) -> None:
+        for d in (self.since, self.probes):
+            d.pop(m.index, None)
+        self.warned.discard(m.index)
+
+    def hung(self, members: list[Member]) -> list[tuple[Member, float]]:
+        """(member, seconds its call has run) for each member found hung now (see the class docstring)."""
+        now, limit, out = time.monotonic(), self.deadline(), []
+        for index, started in list(self.since.items()):
+            if now - started <= limit:
+                continue
+            m = members[index]
+            ref, sent = self.probes.get(index, (None, 0.0))
+            if ref is None:
+                if now - sent >= self.min_s:  # ask (again): the first time past the deadline, then every min_s
+                    self.probes[index] = (m.handle.alive.remote(), now)
+            elif ray.wait([ref], timeout=0)[0]:
+                self.probes[index] = (None, now)
+                if index not in self.warned:
+                    self.warned.add(index)
+                    log.warning("%s: its call has run %.0f s, past the deadline of %.0f s, but the actor answers: "
+                                "waiting for it", m.label, now - started, limit)
+            elif now - sent > self.min_s:
+                out.append((m, now - started))
+        return out

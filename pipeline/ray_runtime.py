@@ -82,9 +82,12 @@ def _loopback_only():
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def remote_actor(cls: type, resources: ActorResources, **options):
-    """``ray.remote(cls)`` with the configured CPUs/GPUs and custom resources; call ``.remote(...)`` on the result."""
+def remote_actor(cls: type, resources: ActorResources, concurrency_groups: dict[str, int] | None = None, **options):
+    """``ray.remote(cls)`` with the configured CPUs/GPUs and custom resources; call ``.remote(...)`` on the result.
+    ``concurrency_groups`` (Ray accepts them in ``ray.remote`` only, not in ``.options``): extra groups, each
+    with threads of its own, for methods marked ``@ray.method(concurrency_group=...)``."""
     opts = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_concurrency": 1, **options}
     if resources.resources:  # custom resources steer actors to nodes that declare them (e.g. sam_gpu)
         opts["resources"] = dict(resources.resources)
-    return ray.remote(cls).options(**opts)
+    remote = ray.remote(concurrency_groups=concurrency_groups)(cls) if concurrency_groups else ray.remote(cls)
+    return remote.options(**opts)

@@ -2,7 +2,8 @@
 
 Inputs are the case's image and the specialist; there is no label argument anywhere on this path, so
 a label of an unlabeled case cannot reach a prompt (``tests/test_leak.py`` checks the files opened).
-Slices with no predicted foreground get no prompt and an all-background pseudo-label.
+Slices with no predicted foreground, and constant slices (every voxel one value: blank or zeroed), get no
+prompt and an all-background pseudo-label.
 
 With ``prompts.ensemble`` = N > 1 every slice gets N prompt sets (:func:`pipeline.prompts.ensemble_prompts`,
 member 0 = the single set), all decoded in one call on the slice's one embedding. Each member's masks
@@ -22,6 +23,7 @@ import torch
 
 from pipeline.class_source import as_json, compose, generalist_classes
 from pipeline.config import RunConfig
+from pipeline.data.validate import constant_slices
 from pipeline.generalist.base import Generalist, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache
 from pipeline.models.inference import predict_volume
@@ -91,12 +93,13 @@ def _fg_dice(a: np.ndarray, b: np.ndarray) -> float:
 def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Generalist,
                  cache: EmbeddingCache | None, cfg: RunConfig, class_ids: list[int], round_index: int,
                  checkpoint_version: int, device: torch.device,
-                 sources: dict[int, str] | None = None) -> CaseRelabel:
+                 sources: dict[int, str] | None = None, checkpoint_sha256: str = "") -> CaseRelabel:
     """Relabel one case. image float32 (X, Y, Z), normalised as in training.
 
     ``sources`` (class id -> ``generalist``/``specialist``, :mod:`pipeline.class_source`; None: every class
     from the generalist): only generalist-sourced classes are prompted; each member's label map is the
-    specialist's map with those classes replaced by the generalist's masks (:func:`compose`)."""
+    specialist's map with those classes replaced by the generalist's masks (:func:`compose`).
+    ``checkpoint_version``/``checkpoint_sha256``: the specialist's checkpoint, recorded in every row."""
     prompted_ids = generalist_classes(sources, class_ids)
     axis = cfg.data.slice_axis
     n_members = cfg.prompts.ensemble
@@ -111,9 +114,10 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
     rng = case_rng(cfg.seed, round_index, case_id)
     perturb_rng = case_rng(cfg.seed, round_index, case_id, stream=1)
     use_logits = cfg.prompts.use_mask_prompt
+    blank = constant_slices(image, axis)  # no anatomy: whatever the specialist predicts there, no prompt
     members = [ensemble_prompts(specialist[s], None if probs is None else probs[:, s], prompted_ids, cfg.prompts,
                                 rng, perturb_rng, logits[:, s] if use_logits else None)
-               if prompted_ids else [[] for _ in range(n_members)]
+               if prompted_ids and not blank[s] else [[] for _ in range(n_members)]
                for s in range(len(slices))]                                             # [S][N][prompts]
     wanted = [s for s, ms in enumerate(members) if any(ms)]
     if cache is not None:
@@ -156,6 +160,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
             "case_id": case_id,
             "slice": s,
             "checkpoint_version": checkpoint_version,
+            "checkpoint_sha256": checkpoint_sha256,
             "generalist": generalist.name,
             "num_prompts": len(slice_members[0]),
             "prompts": summarize_prompts(slice_members[0]),

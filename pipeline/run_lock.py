@@ -3,7 +3,9 @@
 ``<run folder>/driver.lock`` (JSON) names the driver that owns the folder: host, pid, a random token,
 when it started and its last heartbeat (renewed every ``heartbeat_s`` by a thread). A second driver is
 refused with a message saying who holds the folder. A lock is *stale*, and taken over, when its driver
-is gone: on the same host its pid no longer runs; elsewhere its heartbeat is older than ``stale_after_s``.
+is gone: on the same host its pid no longer runs; anywhere, its heartbeat is older than ``stale_after_s``
+(a live driver renews it every ``stale_after_s / 4``; a pid that still runs may be another process that
+got the dead driver's pid, e.g. after a reboot, so a live pid with an old heartbeat is stale too).
 
 The token doubles as the run folder's identity for actors: each actor reads the lock at start and checks
 the token the driver gave it, which proves it sees the same folder (a node without the shared storage
@@ -70,11 +72,13 @@ class RunLock:
     # -- acquiring ------------------------------------------------------------------------------
     def _stale_reason(self, other: dict) -> str | None:
         """Why ``other``'s lock may be taken over, or None when its driver still lives."""
+        age = time.time() - float(other.get("heartbeat", 0))
+        if age > self.stale_after_s:
+            return f"its heartbeat is {age:.0f} s old (more than workers.faults.lock_stale_s={self.stale_after_s:.0f})"
         if other.get("host") == self.info["host"]:
             pid = int(other.get("pid", -1))
             return None if pid > 0 and _pid_alive(pid) else f"its driver (pid {pid}) is gone"
-        age = time.time() - float(other.get("heartbeat", 0))
-        return f"its heartbeat is {age:.0f} s old" if age > self.stale_after_s else None
+        return None
 
     def _refuse(self, other: dict) -> RunLockedError:
         age = time.time() - float(other.get("heartbeat", 0))
@@ -83,8 +87,9 @@ class RunLock:
             f"run folder {self.run_dir} is in use by another semisam driver (host {other.get('host')}, pid "
             f"{other.get('pid')}, started {started}, last heartbeat {age:.0f} s ago). Two drivers on one run "
             f"folder would overwrite each other's checkpoints and manifest: wait for it to finish or stop it, "
-            f"or use another name=/output_dir=. A lock whose driver died is taken over after "
-            f"{self.stale_after_s:.0f} s (workers.faults.lock_stale_s)")
+            f"or use another name=/output_dir=. If that driver is dead, this lock is taken over "
+            f"automatically once its heartbeat is {self.stale_after_s:.0f} s old (workers.faults.lock_stale_s); "
+            f"to take it over now, make sure no driver runs on this folder and delete {self.loc}")
 
     def acquire(self) -> RunLock:
         self.run_dir.mkdir()
@@ -141,7 +146,11 @@ class RunLock:
             self._thread = None
         current = read_lock(self.run_dir)
         if current is not None and current.get("token") == self.token:
-            self.loc.remove()
+            try:
+                self.loc.remove()
+            except Exception as e:  # noqa: BLE001 - called on the way out, maybe after another error
+                log.warning("could not remove the lock %s (%s): the next run takes it over once it is stale",
+                            self.loc, e)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -17,10 +17,13 @@ colleague or a dashboard can read a shared run folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import posixpath
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,44 @@ import fsspec
 
 from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Waits between tries of an object-storage operation that failed (a server restarting, a dropped
+connection): 5 retries over about 15 s. Local disks are not retried: a full disk stays full."""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a storage error: a full disk or quota, a read-only filesystem, else type and message."""
+    no = getattr(err, "errno", None)
+    if no in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (no space left on the device, or the quota is used up)"
+    if no == errno.EROFS:
+        return "the filesystem is read-only"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def with_retries(fn, what: str, loc: Location, verb: str = "write"):
+    """``fn()``; on object storage a failure is retried after each of ``RETRY_DELAYS_S``; then, or at once
+    on a local disk, one StoreError naming ``what`` and the cause, and saying that a rerun resumes.
+    A StoreError or FileNotFoundError from ``fn`` is not retried."""
+    delays = () if loc.is_local else RETRY_DELAYS_S
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except (StoreError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every backend raises its own kinds
+            if attempt == len(delays):
+                tries = f" after {attempt + 1} tries" if delays else ""
+                raise StoreError(f"cannot {verb} {what}{tries}: {describe_error(e)}. The run stopped; what was "
+                                 "finished is kept: fix the storage and rerun the same command to resume") from None
+            log.warning("storage: could not %s %s (%s); retrying in %.1f s", verb, what, describe_error(e),
+                        delays[attempt])
+            time.sleep(delays[attempt])
+    raise AssertionError("unreachable")
 
 
 def is_url(text: str | os.PathLike) -> bool:
@@ -113,19 +154,24 @@ class Location:
         return (Location.of, (self.url, self.options))
 
     # -- queries ----------------------------------------------------------------------------------
+    def _ask(self, fn, verb: str = "read"):
+        """A query, retried on object storage (``with_retries``); direct on a local disk."""
+        return fn() if self.is_local else with_retries(fn, self.url, self, verb)
+
     def exists(self) -> bool:
-        return self.fs.exists(self.path)
+        return self._ask(lambda: self.fs.exists(self.path), "look up")
 
     def is_file(self) -> bool:
-        return self.fs.isfile(self.path)
+        return self._ask(lambda: self.fs.isfile(self.path), "look up")
 
     def is_dir(self) -> bool:
-        return self.fs.isdir(self.path)
+        return self._ask(lambda: self.fs.isdir(self.path), "look up")
 
     def list_names(self) -> list[str]:
         """Names of the entries of this folder (empty if it does not exist)."""
         try:
-            entries = self.fs.ls(self.path, detail=False, refresh=True) if not self.is_local else os.listdir(self.path)
+            entries = (self._ask(lambda: self.fs.ls(self.path, detail=False, refresh=True), "list")
+                       if not self.is_local else os.listdir(self.path))
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
@@ -137,12 +183,12 @@ class Location:
         if not self.is_local:
             self.fs.invalidate_cache(self.path)
         prefix = self.path.rstrip("/") + "/"
-        return sorted(p[len(prefix):] for p in self.fs.find(self.path) if p.startswith(prefix))
+        return sorted(p[len(prefix):] for p in self._ask(lambda: self.fs.find(self.path), "list") if p.startswith(prefix))
 
     # -- reading and writing ----------------------------------------------------------------------
     def read_bytes(self) -> bytes:
         try:
-            return self.fs.cat_file(self.path)
+            return self._ask(lambda: self.fs.cat_file(self.path))
         except FileNotFoundError:
             raise StoreError(f"{self.url} does not exist") from None
 
@@ -150,11 +196,12 @@ class Location:
         return self.read_bytes().decode()
 
     def write_bytes(self, data: bytes) -> None:
-        """Write the whole file atomically (see the module docstring)."""
+        """Write the whole file atomically (see the module docstring); transient object-storage errors are
+        retried, and a failure is one StoreError naming the file (``with_retries``)."""
         if not self.is_local:
-            self.fs.pipe_file(self.path, data)
+            with_retries(lambda: self.fs.pipe_file(self.path, data), self.url, self)
             return
-        atomic_write_bytes(Path(self.path), data)
+        with_retries(lambda: atomic_write_bytes(Path(self.path), data), self.url, self)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
@@ -243,18 +290,19 @@ def check_writable(loc: Location, what: str = "the run folder") -> None:
     name is unique, so runs that probe one shared folder at once (a shared embedding cache) do not read or
     delete each other's probe."""
     probe = loc / f".semisam-write-probe-{uuid.uuid4().hex}"
-    try:
+    try:  # straight to the filesystem, without retries: a wrong URL or credential fails at once
         loc.mkdir()
-        probe.write_bytes(b"ok")
-        ok = probe.read_bytes() == b"ok"
+        if probe.is_local:
+            atomic_write_bytes(Path(probe.path), b"ok")
+        else:
+            probe.fs.pipe_file(probe.path, b"ok")
+        ok = probe.fs.cat_file(probe.path) == b"ok"
         probe.remove()
-    except StoreError:
-        raise
     except Exception as e:  # noqa: BLE001 - every backend has its own errors; all mean "cannot use this"
         hint = ""
         if loc.protocol in ("s3", "s3a"):
             hint = (" (for S3 set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for an "
                     "S3-compatible server; check that the bucket exists)")
-        raise StoreError(f"cannot write to {what} {loc.url}: {type(e).__name__}: {e}{hint}") from None
+        raise StoreError(f"cannot write to {what} {loc.url}: {describe_error(e)}{hint}") from None
     if not ok:
         raise StoreError(f"{loc.url}: a probe file read back different bytes")

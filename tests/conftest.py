@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import fsspec
 import pytest
 import ray
+import yaml
 
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.coordinator import Coordinator
@@ -60,7 +63,9 @@ def ray_cluster():
 def moto_s3(*buckets: str):
     """A moto S3 server on 127.0.0.1 (server mode, a real HTTP endpoint) with ``buckets`` created, and the
     AWS environment pointing at it for the duration (actors started meanwhile inherit it). Skips the test
-    when moto/boto3 (dev dependencies) are absent."""
+    when moto/boto3 (dev dependencies) are absent. Yields ``{"server": ThreadedMotoServer}``: a test may
+    stop it and put a new one on the same port there (moto keeps its buckets in this process), and
+    whichever server is there at the end is stopped."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
     boto3 = pytest.importorskip("boto3")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -73,10 +78,11 @@ def moto_s3(*buckets: str):
     # fsspec caches filesystem instances by their arguments, and an S3 instance keeps the endpoint it was
     # created with: without this a second server (another port) would be reached through the first's
     fsspec.get_filesystem_class("s3").clear_instance_cache()
+    holder = {"server": server}
     try:
         for bucket in buckets:
             boto3.client("s3").create_bucket(Bucket=bucket)
-        yield
+        yield holder
     finally:
         for k, v in saved.items():
             if v is None:
@@ -84,7 +90,7 @@ def moto_s3(*buckets: str):
             else:
                 os.environ[k] = v
         fsspec.get_filesystem_class("s3").clear_instance_cache()
-        server.stop()
+        holder["server"].stop()
 
 
 @pytest.fixture(scope="session")
@@ -171,3 +177,42 @@ def assert_exactly_once(cfg, rounds: list[int]) -> None:
         assert sorted(c for c, ok in status.items() if ok) == want
     report = verify_run(cfg.run_dir)
     assert report.ok, report.text()
+
+
+# -- fault tests (tests/test_faults*.py) ----------------------------------------------------------------
+def fault_config(data: Path, out: Path, **sections) -> RunConfig:
+    """``small_config`` for fault tests: 2 rounds, 2 SAM actors, a trainer, generous placement timeout."""
+    base = {"rounds": 2, "workers": {"trainer": {"num_cpus": 0.5, "torch_threads": 1},
+                                     "sam": {"num_workers": 2, "num_cpus": 0.5, "torch_threads": 1},
+                                     "faults": {"placement_timeout_s": 120}}}
+    for k, v in sections.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return config_from_dict(small_config_dict(data, out, **base))
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, data12, tmp_path_factory):
+    """A finished 3-round run (one per test module); tests copy its folder before damaging it."""
+    cfg = fault_config(data12, tmp_path_factory.mktemp("finished"), rounds=3)
+    run_to_end(cfg)
+    return cfg
+
+
+def copy_run(cfg, tmp_path, rounds: int | None = None, completed: list[int] | None = None):
+    """A copy of a finished run folder (optionally with state.json saying fewer rounds are done, as after a
+    driver killed between publishing a round's checkpoint and completing the round)."""
+    dst = tmp_path / "copy"
+    shutil.copytree(Path(cfg.run_dir), dst / cfg.name)
+    (dst / cfg.name / "driver.lock").unlink(missing_ok=True)
+    tree = {**cfg.model_dump(mode="json"), "output_dir": str(dst)}
+    if rounds is not None:
+        tree["rounds"] = rounds
+    new = config_from_dict(tree)
+    (Path(new.run_dir) / "config.yaml").write_text(yaml.safe_dump({**tree, "rounds": cfg.rounds}, sort_keys=False))
+    if completed is not None:
+        state_path = Path(new.run_dir) / "state.json"
+        state = json.loads(state_path.read_text())
+        state["completed"] = completed
+        state["summaries"] = [s for s in state["summaries"] if s["round"] in completed]
+        state_path.write_text(json.dumps(state))
+    return new

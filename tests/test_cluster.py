@@ -70,3 +70,28 @@ def test_losing_a_worker_node_mid_round_loses_no_case(cluster, data12, tmp_path)
     assert summaries[1].relabel["failed_cases"] == {}
     assert summaries[1].relabel["workers_ready"] == 1     # the round finished on the head's one SAM actor
     assert_exactly_once(cfg, [1])
+
+
+def test_a_node_lost_after_the_last_round_does_not_keep_the_driver(cluster, data12, tmp_path):
+    """Issue 16: a SAM node lost once the rounds were done used to kill the driver in worker_stats with an
+    ActorUnavailableError traceback (the data complete, the job failed); the statistics of the actors that
+    are gone are now left out and the run returns."""
+    from pipeline.coordinator import run_with_stats
+
+    c_obj, _ = cluster
+    c_obj.add_node(num_cpus=1, num_gpus=2)
+    c_obj.wait_for_nodes()
+    lost: list[int] = []
+
+    def drop_a_sam_node_at_the_end(event, coord, **kw):
+        if event == "round_done" and kw["round"] == 1 and not lost:
+            nodes = {n.node_id: n for n in c_obj.worker_nodes}
+            node_id = next(m.info["node_id"] for m in coord.pool.ready() if m.info["node_id"] in nodes)
+            lost.extend(m.info["pid"] for m in coord.pool.ready() if m.info["node_id"] == node_id)
+            c_obj.remove_node(nodes[node_id])
+
+    cfg = _cfg(data12, tmp_path)
+    summaries, stats = run_with_stats(cfg, drop_a_sam_node_at_the_end)
+    assert lost and [s.round for s in summaries] == [0, 1]
+    assert stats and not {s["pid"] for s in stats} & set(lost)  # the lost node's actors left out, not waited on
+    assert_exactly_once(cfg, [1])

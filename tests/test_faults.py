@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.config import config_from_dict
 from pipeline.coordinator import Coordinator
@@ -28,22 +27,20 @@ from pipeline.errors import CheckpointError, ConfigError, PlacementError, RunLoc
 from pipeline.run_lock import RunLock
 from pipeline.store import PseudoLabelStore
 from pipeline.verify import verify_run
-from tests.conftest import assert_exactly_once, run_to_end, small_config_dict, unlabeled_cases
+from tests.conftest import (
+    assert_exactly_once,
+    copy_run,
+    fault_config,
+    run_to_end,
+    small_config_dict,
+    unlabeled_cases,
+)
 
 pytestmark = pytest.mark.ray
 
 
-def _cfg(data: Path, out: Path, **sections):
-    base = {"rounds": 2, "workers": {"trainer": {"num_cpus": 0.5, "torch_threads": 1},
-                                     "sam": {"num_workers": 2, "num_cpus": 0.5, "torch_threads": 1},
-                                     "faults": {"placement_timeout_s": 120}}}
-    for k, v in sections.items():
-        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return config_from_dict(small_config_dict(data, out, **base))
-
-
 def test_killed_sam_actor_mid_round_loses_and_duplicates_nothing(ray_cluster, data12, tmp_path):
-    cfg = _cfg(data12, tmp_path)
+    cfg = fault_config(data12, tmp_path)
     killed: list[int] = []
 
     def kill_a_worker(event, c, **kw):
@@ -63,7 +60,7 @@ def test_killed_sam_actor_mid_round_loses_and_duplicates_nothing(ray_cluster, da
 
 
 def test_killed_trainer_mid_training_is_restarted_from_the_last_checkpoint(ray_cluster, data12, tmp_path):
-    cfg = _cfg(data12, tmp_path, train={"iterations": 60})
+    cfg = fault_config(data12, tmp_path, train={"iterations": 60})
     killed: list[int] = []
 
     def kill_trainer_soon(event, c, **kw):
@@ -85,7 +82,7 @@ def test_killed_trainer_mid_training_is_restarted_from_the_last_checkpoint(ray_c
 
 def test_killed_trainer_in_round_0_restarts_from_scratch(ray_cluster, data12, tmp_path):
     """Mid round 0 there is no checkpoint yet: the restarted trainer starts the round again."""
-    cfg = _cfg(data12, tmp_path, rounds=1, train={"iterations": 60})
+    cfg = fault_config(data12, tmp_path, rounds=1, train={"iterations": 60})
     killed: list[int] = []
 
     def kill(event, c, **kw):
@@ -97,35 +94,8 @@ def test_killed_trainer_in_round_0_restarts_from_scratch(ray_cluster, data12, tm
     assert c.trainer_restarts == 1 and summaries[0].train["step"] == 60
 
 
-@pytest.fixture(scope="module")
-def finished(ray_cluster, data12, tmp_path_factory):
-    """A finished 3-round run; tests copy its folder before damaging it."""
-    cfg = _cfg(data12, tmp_path_factory.mktemp("finished"), rounds=3)
-    run_to_end(cfg)
-    return cfg
-
-
-def _copy_of(cfg, tmp_path, rounds: int | None = None, completed: list[int] | None = None):
-    """A copy of the finished run folder (optionally with state.json saying fewer rounds are done)."""
-    dst = tmp_path / "copy"
-    shutil.copytree(Path(cfg.run_dir), dst / cfg.name)
-    (dst / cfg.name / "driver.lock").unlink(missing_ok=True)
-    tree = {**cfg.model_dump(mode="json"), "output_dir": str(dst)}
-    if rounds is not None:
-        tree["rounds"] = rounds
-    new = config_from_dict(tree)
-    (Path(new.run_dir) / "config.yaml").write_text(yaml.safe_dump({**tree, "rounds": cfg.rounds}, sort_keys=False))
-    if completed is not None:
-        state_path = Path(new.run_dir) / "state.json"
-        state = json.loads(state_path.read_text())
-        state["completed"] = completed
-        state["summaries"] = [s for s in state["summaries"] if s["round"] in completed]
-        state_path.write_text(json.dumps(state))
-    return new
-
-
 def test_flipped_checkpoint_is_refused_on_resume_and_named(finished, tmp_path):
-    cfg = _copy_of(finished, tmp_path, rounds=4)
+    cfg = copy_run(finished, tmp_path, rounds=4)
     ckpt = Path(cfg.run_dir) / "checkpoints" / "ckpt_0002.pt"
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2: len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 4096])
@@ -143,7 +113,7 @@ def test_flipped_checkpoint_is_refused_on_resume_and_named(finished, tmp_path):
 
 def test_deleted_case_arrays_are_redone_on_resume(finished, tmp_path):
     """Round 2 was relabeled but its training not finished (the driver died): one case's array is gone."""
-    cfg = _copy_of(finished, tmp_path, completed=[0, 1])
+    cfg = copy_run(finished, tmp_path, completed=[0, 1])
     victim = unlabeled_cases(cfg)[2]
     shutil.rmtree(Path(cfg.run_dir) / "pseudo_labels" / "masks.zarr" / "round_002" / victim / "pseudo_label")
     report = verify_run(cfg.run_dir)
@@ -157,7 +127,7 @@ def test_deleted_case_arrays_are_redone_on_resume(finished, tmp_path):
 
 
 def test_damaged_manifest_part_is_named_before_any_work(finished, tmp_path):
-    cfg = _copy_of(finished, tmp_path, completed=[0, 1])
+    cfg = copy_run(finished, tmp_path, completed=[0, 1])
     part = PseudoLabelStore(cfg.run_dir / "pseudo_labels").parts(2)[0]
     data = part.read_bytes()
     Path(part.path).write_bytes(data[: len(data) // 3])
@@ -172,7 +142,7 @@ def test_damaged_manifest_part_is_named_before_any_work(finished, tmp_path):
 
 
 def test_second_driver_is_refused_and_a_dead_drivers_lock_taken_over(finished, tmp_path):
-    cfg = _copy_of(finished, tmp_path)
+    cfg = copy_run(finished, tmp_path)
     with RunLock(cfg.run_dir):  # a live driver (this process) holds the folder
         with pytest.raises(RunLockedError, match="in use by another semisam driver"):
             Coordinator(cfg)
@@ -212,7 +182,7 @@ def test_pickled_sam_checkpoint_is_refused_before_any_training(data12, tmp_path)
 
 def test_over_asked_pool_starts_with_what_fits(ray_cluster, data12, tmp_path):
     """Issue 8: 8 SAM actors on a cluster that can place 1 waited forever; now the run starts with 1."""
-    cfg = _cfg(data12, tmp_path, workers={"sam": {"num_workers": 8, "num_cpus": 1.0, "torch_threads": 1}})
+    cfg = fault_config(data12, tmp_path, workers={"sam": {"num_workers": 8, "num_cpus": 1.0, "torch_threads": 1}})
     c, summaries = run_to_end(cfg)
     assert summaries[1].relabel["cases"] == len(unlabeled_cases(cfg))
     assert summaries[1].relabel["workers_ready"] == 1
@@ -220,11 +190,11 @@ def test_over_asked_pool_starts_with_what_fits(ray_cluster, data12, tmp_path):
 
 
 def test_unplaceable_requests_stop_at_once_with_the_missing_resources(ray_cluster, data12, tmp_path):
-    cfg = _cfg(data12, tmp_path, workers={"sam": {"num_workers": 8, "num_cpus": 1.0, "min_workers": 4}})
+    cfg = fault_config(data12, tmp_path, workers={"sam": {"num_workers": 8, "num_cpus": 1.0, "min_workers": 4}})
     t = time.monotonic()
     with pytest.raises(PlacementError, match="8 SAM actors of 1 CPU each were asked for, the cluster can place 1"):
         Coordinator(cfg)
-    cfg = _cfg(data12, tmp_path, workers={"trainer": {"num_gpus": 1}})
+    cfg = fault_config(data12, tmp_path, workers={"trainer": {"num_gpus": 1}})
     with pytest.raises(PlacementError, match="no node can hold the trainer \\(1 CPU, 1 GPU"):
         Coordinator(cfg)
     assert time.monotonic() - t < 30  # refused up front, not after a placement timeout
@@ -232,7 +202,7 @@ def test_unplaceable_requests_stop_at_once_with_the_missing_resources(ray_cluste
 
 
 def test_auto_pool_size_is_what_fits(ray_cluster, data12, tmp_path):
-    cfg = _cfg(data12, tmp_path, rounds=1, workers={"sam": {"num_workers": "auto", "num_cpus": 0.25}})
+    cfg = fault_config(data12, tmp_path, rounds=1, workers={"sam": {"num_workers": "auto", "num_cpus": 0.25}})
     c = Coordinator(cfg)
     try:
         assert c.sam_wanted == 6  # (2 CPUs - 0.5 for the trainer) / 0.25
@@ -243,7 +213,7 @@ def test_auto_pool_size_is_what_fits(ray_cluster, data12, tmp_path):
 def test_warm_start_takes_the_sources_round_0(finished, data12, tmp_path):
     """Issue 10: two runs that differ only in the pseudo-label term shared nothing and both trained round 0."""
     src_state = json.loads((finished.run_dir / "state.json").read_text())
-    cfg = _cfg(data12, tmp_path, name="warm", train={"init_from": str(finished.run_dir),
+    cfg = fault_config(data12, tmp_path, name="warm", train={"init_from": str(finished.run_dir),
                                                      "pseudo_label": {"weight": 0.2}})
     c, summaries = run_to_end(cfg)
     assert [s.round for s in summaries] == [0, 1]
@@ -254,6 +224,6 @@ def test_warm_start_takes_the_sources_round_0(finished, data12, tmp_path):
     assert state["init_from"]["sha256"] == src_state["checkpoints"]["0"]
     assert summaries[1].train["step"] == 2 * cfg.train.iterations          # round 1 went on from its step
     assert verify_run(cfg.run_dir).ok
-    other = _cfg(data12, tmp_path, name="warm2", train={"init_from": str(finished.run_dir), "lr": 0.5})
+    other = fault_config(data12, tmp_path, name="warm2", train={"init_from": str(finished.run_dir), "lr": 0.5})
     with pytest.raises(ConfigError, match="differs in: train.lr"):
         run_to_end(other)

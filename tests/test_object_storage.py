@@ -8,6 +8,8 @@ error before any work. The endpoint and keys come from the standard AWS environm
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from pipeline.coordinator import Coordinator, run
 from pipeline.errors import StoreError
 from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore, open_manifest, open_masks
-from tests.conftest import moto_s3, small_config_dict
+from pipeline.verify import verify_run
+from tests.conftest import moto_s3, small_config_dict, unlabeled_cases
 
 pytestmark = pytest.mark.ray
 
@@ -33,10 +36,14 @@ BUCKET = "semisam-runs"
 def s3():
     """A moto S3 server on 127.0.0.1 and the AWS environment pointing at it (set before Ray starts, so
     the actors inherit it like nodes configured with credentials)."""
-    with moto_s3(BUCKET):
+    with moto_s3(BUCKET) as holder:
+        SERVER.update(holder=holder)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         yield f"s3://{BUCKET}"
         ray.shutdown()
+
+
+SERVER: dict = {}  # the running moto server's holder (tests may restart it)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +102,39 @@ def test_missing_bucket_and_credentials_fail_before_any_work(s3, synthetic_root,
     assert "bucket" in str(e.value)
     with pytest.raises(StoreError, match="cannot open|not known|fsspec"):
         Location.of("nosuchproto://x/y")
+    # verify on a folder in a bucket that is not there says so (it used to say "config.yaml is missing")
+    assert verify_run("s3://no-such-bucket/runs/test").problems == [
+        "the bucket s3://no-such-bucket does not exist (or these credentials cannot see it)"]
+
+
+def test_storage_outage_mid_round_is_retried(s3, synthetic_root):
+    """The S3 server stops for 3 s in the middle of a relabel round, then comes back on the same port:
+    the writes of the SAM actors and of the driver are retried with backoff and the run ends as without
+    the outage. It used to end in per-case warnings and a driver dead in a `finally` (9 tracebacks)."""
+    from moto.server import ThreadedMotoServer
+
+    cfg = config_from_dict(small_config_dict(synthetic_root, f"{s3}/outage", rounds=2))
+    down: list[float] = []
+
+    def restart(host: str, port: int) -> None:
+        server = ThreadedMotoServer(ip_address=host, port=port)
+        server.start()
+        SERVER["holder"]["server"] = server
+
+    def outage(event, c, **kw):
+        if event == "task_done" and kw["round"] == 1 and not down:
+            old = SERVER["holder"]["server"]
+            host, port = old.get_host_and_port()
+            old.stop()
+            down.append(time.monotonic())
+            threading.Timer(3.0, restart, (host, port)).start()
+
+    c = Coordinator(cfg, outage)
+    try:
+        summaries = c.run()
+    finally:
+        c.shutdown()
+    assert down and [s.round for s in summaries] == [0, 1]
+    assert summaries[1].relabel["failed_cases"] == {}
+    assert summaries[1].relabel["cases"] == len(unlabeled_cases(cfg))
+    assert verify_run(cfg.run_dir).ok

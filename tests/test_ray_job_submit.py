@@ -161,3 +161,33 @@ def test_readme_job_submit_example_runs_as_written(token_head, tmp_path):
     top = {p.name for p in unpacked.pop().iterdir()}
     assert {"pipeline", "workers", "conf", "pyproject.toml"} <= top
     assert not top & {"data", "runs", ".venv", ".git"}, top
+
+
+def test_readme_s3_job_passes_credentials_as_written(token_head, tmp_path):
+    """The README's block that passes AWS credentials in the job's runtime environment, run as written
+    against a local S3 server; the head was started without any AWS variable, so only the block's
+    ``--runtime-env-json`` can bring them to the job's driver and actors."""
+    from tests.conftest import moto_s3
+
+    dash, env, _ = token_head
+    repo = tmp_path / "semisam"
+    _copy_repository(repo)
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    found = [b for b in blocks if "ray job submit" in b and "--runtime-env-json" in b]
+    assert len(found) == 1, "README.md must have exactly one `ray job submit` block with --runtime-env-json"
+    script = found[0].replace(f"127.0.0.1:{README_PORT}", f"127.0.0.1:{dash}").replace(
+        "s3://my-bucket/runs", "s3://semisam-job/runs").rstrip() + SHORTER
+    subprocess.run([str(BIN / "semisam"), "demo-data", "data/demo"], cwd=repo, env=env, check=True,
+                   capture_output=True, timeout=120)
+    with moto_s3("semisam-job"):
+        aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=repo, env={**env, **aws},
+                             capture_output=True, text=True, timeout=240)
+        log = out.stdout[-4000:] + out.stderr[-4000:]
+        assert out.returncode == 0, log
+        assert "succeeded" in log
+        import s3fs
+
+        name = yaml.safe_load((repo / "conf" / "demo.yaml").read_text())["name"]
+        state = json.loads(s3fs.S3FileSystem().cat_file(f"semisam-job/runs/{name}/state.json"))
+        assert state["completed"] == [0, 1]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
+import ray
 import torch
 
 from pipeline.data.dataset import load_image, read_data
+from pipeline.errors import StoreError
 from pipeline.generalist.cache import EmbeddingCache
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.models.unet import build_model
@@ -37,6 +39,7 @@ class SamWorker:
         self._store: PseudoLabelStore | None = None
         self.model = None
         self.version = -1
+        self.sha = ""  # the specialist checkpoint's SHA-256: weights are reloaded when it changes
         self.seconds = 0.0
         log.info("SAM worker %d on %s with %s", worker_index, self.device, self.generalist.name)
 
@@ -62,34 +65,40 @@ class SamWorker:
         check_sees_run_folder(self.cfg.run_dir, run_token, f"SAM worker {self.index} on {info['host']}")
         return {"worker": self.index, **info}
 
-    def load_specialist(self, version: int, model_args: dict, weights: dict) -> int:
+    @ray.method(concurrency_group="health")
+    def alive(self) -> float:
+        """Answered from its own thread while a relabel call runs (``pipeline.pool.HangWatch``)."""
+        return time.time()
+
+    def load_specialist(self, version: int, model_args: dict, weights: dict, sha: str = "") -> int:
         """Take checkpoint ``version``'s student weights (state dict from the object store)."""
-        if version != self.version:
-            model = build_model(model_args)
-            model.load_state_dict(weights)
-            self.model = model.to(self.device).eval()
-            self.version = version
+        model = build_model(model_args)
+        model.load_state_dict(weights)
+        self.model = model.to(self.device).eval()
+        self.version, self.sha = version, sha
         return self.version
 
-    def relabel(self, case_ids: list[str], round_index: int, version: int, model_args: dict,
-                weights_box: list, sources: dict[int, str] | None = None) -> dict:
-        """Relabel cases with checkpoint ``version``, write their masks, return their manifest rows.
+    def relabel(self, case_ids: list[str], round_index: int, version: int, model_args: dict, weights_box: list,
+                sources: dict[int, str] | None = None, sha: str = "") -> dict:
+        """Relabel cases with checkpoint ``version`` (SHA-256 ``sha``), write their masks, return their
+        manifest rows.
 
         ``weights_box`` is ``[ObjectRef of the state dict]``, fetched only when this actor does not hold
-        that version yet (first call, or after Ray restarted it). A case that raises is reported in
-        ``failed`` ({case_id: cause}) and the others go on: {"rows": [...], "failed": {...}}. ``sources``:
-        the round's class sources (``pipeline.class_source``; None: the generalist for every class).
+        that very checkpoint yet (first call, after Ray restarted it, or a round retrained under the same
+        number: the SHA-256 decides, not the number). A case that raises is reported in ``failed``
+        ({case_id: cause}) and the others go on: {"rows": [...], "failed": {...}}. ``sources``: the
+        round's class sources (``pipeline.class_source``; None: the generalist for every class).
         """
-        if version != self.version:
-            import ray
-
-            self.load_specialist(version, model_args, ray.get(weights_box[0]))
+        if (version, sha) != (self.version, self.sha):
+            self.load_specialist(version, model_args, ray.get(weights_box[0]), sha)
         start = time.perf_counter()
         rows: list[dict] = []
         failed: dict[str, str] = {}
         for case_id in case_ids:
             try:
                 rows.extend(self._relabel_case(case_id, round_index, sources))
+            except StoreError:
+                raise  # the store cannot be written (full, gone): not this case's fault; the run stops, resumable
             except Exception as e:  # noqa: BLE001 - one bad case must not take the others with it
                 log.exception("SAM worker %d: case %s failed", self.index, case_id)
                 failed[case_id] = f"{type(e).__name__}: {e}"[:500]
@@ -101,9 +110,10 @@ class SamWorker:
         image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
         with torch.inference_mode():
             out = relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
-                               self.class_ids, round_index, self.version, self.device, sources)
+                               self.class_ids, round_index, self.version, self.device, sources, self.sha)
         self.store.write_case(round_index, case_id, out.pseudo_label, out.specialist, out.scores, {
             "checkpoint_version": self.version,
+            "checkpoint_sha256": self.sha,
             "generalist": self.generalist.name,
             "slice_axis": self.cfg.data.slice_axis,
             "volume_shape": list(image.shape),

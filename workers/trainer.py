@@ -7,15 +7,19 @@ weights are returned through the Ray object store for the SAM pool (``weights``)
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
+import ray
 import torch
 
-from pipeline.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import checkpoint_path, load_checkpoint, recorded_sha256, save_checkpoint
 from pipeline.class_source import selection_table
 from pipeline.data.dataset import load_image, load_label, read_data
 from pipeline.data.splits import resolve_split
+from pipeline.data.validate import warn_constant_images
+from pipeline.errors import WorkerError
 from pipeline.evaluation import EvalVolume, evaluate_model
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.relabel import relabel_case
@@ -44,8 +48,14 @@ class TrainerWorker:
         for c in self.split.test:
             image, spacing = load_image(self.info, c, norm)
             self.test.append(EvalVolume(c, image, load_label(self.info, c), spacing))
+        for volumes, role in ((self.labeled, "labeled"), (self.unlabeled, "unlabeled"), (self.test, "test")):
+            warn_constant_images(volumes, role)
         self.trainer = SpecialistTrainer(cfg, self.info.num_classes, self.device)
+        # Provenance: the weights are checkpoint ``version`` (-1: none, round 0 starts from scratch) with
+        # SHA-256 ``sha``, or the result of training round ``trained`` on top of it, not yet published.
         self.version = -1
+        self.sha: str | None = None
+        self.trained: int | None = None
         self._generalist = None  # built on first select_sources (generalist.class_source: auto)
         self._cache = None
         log.info("trainer on %s: %d labeled, %d unlabeled, %d test cases", self.device,
@@ -58,23 +68,45 @@ class TrainerWorker:
         check_sees_run_folder(self.cfg.run_dir, run_token, f"the trainer on {info['host']}")
         return info
 
+    @ray.method(concurrency_group="health")
+    def alive(self) -> float:
+        """Answered from its own thread while a long call runs: the driver's hang detector (see
+        ``Coordinator._get``). A stopped or wedged process does not answer."""
+        return time.time()
+
     def restore(self, version: int, sha256: str | None = None) -> int:
         """Load checkpoint ``version`` of this run (resume, or after a restart); its SHA-256 is verified."""
-        ckpt = load_checkpoint(checkpoint_path(self.cfg.run_dir, version), expect_model_args=self.trainer.model_args,
-                               expect_sha256=sha256)
+        path = checkpoint_path(self.cfg.run_dir, version)
+        ckpt = load_checkpoint(path, expect_model_args=self.trainer.model_args, expect_sha256=sha256)
         self.trainer.load_state_dict(ckpt["trainer"])
-        self.version = version
+        self.version, self.sha, self.trained = version, sha256 or recorded_sha256(path), None
         return version
 
+    def _holds(self, version: int, what: str) -> None:
+        """Refuse to ``what`` unless the weights are exactly checkpoint ``version`` (never a stale one)."""
+        if self.version != version or self.trained is not None:
+            held = f"checkpoint {self.version}" if self.version >= 0 else "no checkpoint"
+            if self.trained is not None:
+                held += f" trained further in round {self.trained}"
+            raise WorkerError(f"the trainer refuses to {what}: it needs checkpoint {version}, it holds {held}")
+
     def publish(self, version: int) -> str:
-        """Write checkpoint ``version`` (atomic, with its ``.sha256``); returns the SHA-256."""
+        """Write checkpoint ``version`` (atomic, with its ``.sha256``); returns the SHA-256. Only the weights
+        that training round ``version`` just produced are published: never older ones under a newer number."""
+        if self.trained != version:
+            raise WorkerError(f"the trainer refuses to publish checkpoint {version}: its weights are not the "
+                              f"result of training round {version} (they are checkpoint {self.version}"
+                              + (f" trained in round {self.trained})" if self.trained is not None else ")"))
         digest = save_checkpoint(checkpoint_path(self.cfg.run_dir, version), version, self.trainer.state_dict(),
                                  self.trainer.model_args, self.cfg)
-        self.version = version
+        self.version, self.sha, self.trained = version, digest, None
         return digest
 
-    def weights(self) -> dict:
-        """The student's state dict (CPU tensors), for the SAM pool through the object store."""
+    def weights(self, version: int | None = None) -> dict:
+        """The student's state dict (CPU tensors), for the SAM pool through the object store. With
+        ``version`` (the coordinator always gives it) only when the weights are exactly that checkpoint."""
+        if version is not None:
+            self._holds(version, f"share the weights of checkpoint {version}")
         return {k: v.detach().cpu() for k, v in self.trainer.student.state_dict().items()}
 
     def model_args(self) -> dict:
@@ -91,6 +123,8 @@ class TrainerWorker:
                                   self.cfg.train.pseudo_label.uncertainty_weighting)
 
     def train_round(self, round_index: int, pseudo_round: int | None, pseudo_cases: list[str] | None = None) -> dict:
+        """Train round ``round_index`` on top of the weights held (the coordinator restores checkpoint
+        ``round_index - 1`` first); ``publish(round_index)`` then accepts them."""
         pseudo = self.load_pseudo_labels(pseudo_round, pseudo_cases) if pseudo_round is not None else None
         stats = self.trainer.train(self.labeled, self.unlabeled, pseudo, self.cfg.train.iterations)
         if pseudo:
@@ -100,12 +134,16 @@ class TrainerWorker:
             if voxels:
                 stats["pseudo_voxels_kept"] = float(np.mean([v.mean() for v in voxels]))
         stats["step"] = self.trainer.step
+        self.trained = round_index
         return stats
 
     def evaluate(self, round_index: int) -> pd.DataFrame:
-        """Evaluate the student on the test split; also written to ``eval/round_NNN.parquet``."""
+        """Evaluate checkpoint ``round_index`` on the test split; also written to ``eval/round_NNN.parquet``
+        with the checkpoint's SHA-256 in every row (``checkpoint_sha256``)."""
+        self._holds(round_index, f"evaluate round {round_index}")
         df = evaluate_model(self.trainer.student, self.test, self.cfg, self.class_ids, self.device)
         df.insert(0, "round", round_index)
+        df["checkpoint_sha256"] = self.sha
         write_table(df, self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet")
         return df
 
@@ -124,7 +162,8 @@ class TrainerWorker:
             label = np.moveaxis(load_label(self.info, case_id), axis, 0)
             with torch.inference_mode():
                 out = relabel_case(case_id, image, self.trainer.student, self._generalist, self._cache, self.cfg,
-                                   self.class_ids, round_index, self.version, self.device)
+                                   self.class_ids, round_index, self.version, self.device,
+                                   checkpoint_sha256=self.sha or "")
             rows.extend(selection_table(case_id, out.pseudo_label, out.specialist, label, self.class_ids,
                                         round_index))
         return pd.DataFrame(rows)

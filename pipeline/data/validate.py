@@ -115,3 +115,25 @@ def validate_dataset(root: Path, format: str = "auto") -> DatasetInfo:
     logger.info("dataset %s is valid: %d cases (%d labeled, %d unlabeled), classes %s", info.root,
                 len(info.cases), len(with_label), len(without), info.labels)
     return info
+
+
+def constant_slices(image, slice_axis: int):
+    """bool (S,): the slices of image (X, Y, Z) along ``slice_axis`` whose voxels all hold one value."""
+    import numpy as np
+
+    flat = np.moveaxis(np.asarray(image), slice_axis, 0).reshape(image.shape[slice_axis], -1)
+    return flat.max(1) == flat.min(1)
+
+
+def warn_constant_images(volumes, role: str) -> list[str]:
+    """Warn, naming each case, about images whose voxels all hold one value (blank or zeroed scans):
+    they carry no anatomy; relabeling gives them no prompts (a background pseudo-label), training
+    learns background from them. ``volumes``: objects with ``case_id`` and ``image``. Returns the ids."""
+    import numpy as np
+
+    blank = [v.case_id for v in volumes if np.ptp(v.image) == 0]
+    for case_id in blank:
+        logger.warning("%s case %s: the image is constant (every voxel %s): no anatomy to segment; it gets no "
+                       "prompts and a background pseudo-label; check the file or leave the case out", role,
+                       case_id, float(next(v.image.flat[0] for v in volumes if v.case_id == case_id)))
+    return blank

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.errors import NonFiniteError
 from pipeline.models.unet import UNet, build_model, model_args
 from pipeline.progress import Progress
 from pipeline.training.losses import PSEUDO_LABEL_LOSSES, ce_dice_loss
@@ -66,6 +67,16 @@ class PseudoLabel:
         view[slice_axis] = -1
         w = np.broadcast_to(self.slice_weight.reshape(view).astype(np.float32), shape)
         return w if self.voxel_weight is None else w * self.voxel_weight
+
+
+def _check_finite(logs: dict[str, float], step: int) -> None:
+    """Stop at the first non-finite loss term, naming the step, the term and its value (NonFiniteError)."""
+    for term, value in logs.items():
+        if not np.isfinite(value):
+            raise NonFiniteError(
+                f"training stopped at step {step}: the {term} term is {value}; nothing is published, the last "
+                "good checkpoint is kept. Lower train.lr (or the term's weight) or check the data (NaN voxels), "
+                "then rerun to resume after the last completed round")
 
 
 def _grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
@@ -121,8 +132,7 @@ class SpecialistTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         fps = int(state["first_pseudo_step"])
-        self.first_pseudo_step = None if fps < 0 else fps
-        self.rng = np.random.default_rng([self.cfg.seed, int(state["rng"])])
+        self.first_pseudo_step = None if fps < 0 else fps  # "rng" is not read: train() seeds by step
 
     # -- training ------------------------------------------------------------------------------
     def _batch(self, vols: list[TrainVolume], n: int, pseudo: dict[str, PseudoLabel] | None, labeled: bool):
@@ -179,6 +189,11 @@ class SpecialistTrainer:
             n_unl = 0  # supervised without pseudo-labels: unlabeled crops would not be used
         if use_pseudo and self.first_pseudo_step is None:
             self.first_pseudo_step = self.step
+        # A round's randomness (crops, augmentation, consistency noise) is a function of the seed and the step
+        # it starts at, not of what this process drew before: a round redone after a restart from its
+        # checkpoint draws exactly what the run without the fault drew (same weights, same metrics).
+        self.rng = np.random.default_rng([self.cfg.seed, self.step])
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
         self.student.train()
         self.teacher.train()
         totals: dict[str, float] = {}
@@ -223,18 +238,25 @@ class SpecialistTrainer:
                 sup_norm = max(_grad_norm(sup, params), 1e-12)
                 for key, term in terms.items():
                     logs[key] = _grad_norm(term, params) / sup_norm
+            logs["loss"] = loss.item()
+            _check_finite(logs, self.step + 1)  # before the step: the weights stay those of the last good step
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.step += 1
             self._ema_update()
-            logs["loss"] = loss.item()
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             if self.step % t.log_every == 0:
                 log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
             progress.advance(1, extra=f"loss {logs['loss']:.4f}")
+        for name, net in (("student", self.student), ("teacher", self.teacher)):
+            bad = next((n for n, p in net.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+            if bad is not None:
+                raise NonFiniteError(f"training stopped at step {self.step}: the {name}'s {bad} holds non-finite "
+                                     "values; nothing is published, the last good checkpoint is kept. Lower "
+                                     "train.lr or check the data (NaN voxels)")
         # a key missing from some iterations (e.g. 'pseudo' when a batch was gated out) is averaged over
         # the iterations that had it
         return {k: v / counts[k] for k, v in totals.items()}
