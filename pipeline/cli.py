@@ -6,6 +6,7 @@
     semisam verify RUN                       check a run folder and list every problem
     semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
     semisam validate ROOT                    check a dataset folder (MSD, h5, SSL4MIS; detected) and list every problem
+    semisam config                           every config key: type, default, meaning (docs/config.md is its output)
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.config_reference import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.data.validate import validate_dataset
 
@@ -137,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edges: parts with clear intensity edges, which the weight-free generalist can follow "
                    "(the demo); hippocampus: low-contrast parts, as the test fixtures")
     d.set_defaults(func=cmd_demo_data)
+
+    c = sub.add_parser("config", help="print every config key with its type, default and meaning (Markdown)")
+    c.set_defaults(func=cmd_config)
 
     v = sub.add_parser("validate", help="check a dataset folder")
     v.add_argument("root")

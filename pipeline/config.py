@@ -30,7 +30,8 @@ from pipeline.storage import Location, is_url
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class DataConfig(_Strict):
@@ -47,10 +48,15 @@ class DataConfig(_Strict):
     (and without ``labeled``) an SSL4MIS folder's ``train.list``/``train_slices.list`` and ``test.list``
     (else ``val.list``) give them."""
     num_labeled: int | None = Field(default=None, ge=1)
+    """Labeled cases: the first N of the split file's ``train_order`` (or of ``train.list``); the rest of the
+    training cases are unlabeled. It counts *cases*: for SSL4MIS ACDC a case is one frame (ED or ES), so
+    3 patients = 6 cases (= the first 68 slices of ``train_slices.list``)."""
     labeled: list[str] | None = None
     """Explicit case ids; used instead of a split file when given (with ``unlabeled`` and ``test``)."""
     unlabeled: list[str] | None = None
+    """Explicit unlabeled case ids (with ``labeled``); their labels are never read by training or prompts."""
     test: list[str] | None = None
+    """Explicit test case ids (with ``labeled``): evaluated after every round (``eval.every_round``)."""
     max_unlabeled: int | None = Field(default=None, ge=0)
     """Keep only the first N unlabeled cases (for quick runs); None keeps all."""
     max_test: int | None = Field(default=None, ge=0)
@@ -95,11 +101,13 @@ class ModelConfig(_Strict):
     """The specialist network."""
 
     kind: Literal["unet2d", "unet3d"] = "unet2d"
+    """unet2d: slices along ``data.slice_axis`` (SSL4MIS's 2D U-Net); unet3d: whole-volume crops."""
     base_channels: int = Field(default=16, ge=2)
     """Channels of the first level; doubled at each downsampling (SSL4MIS's U-Net uses 16)."""
     depth: int = Field(default=3, ge=1, le=5)
     """Number of downsamplings; inputs are padded to a multiple of 2**depth."""
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Dropout at the bottleneck: also a source of randomness for UA-MT's stochastic teacher passes."""
     patch_size: list[int] = Field(default_factory=lambda: [64, 64])
     """Training crop: 2 numbers (in-slice) for unet2d, 3 for unet3d; smaller volumes are zero-padded."""
 
@@ -115,14 +123,19 @@ class ConsistencyConfig(_Strict):
     """Teacher-student consistency (Mean Teacher, UA-MT)."""
 
     weight: float = Field(default=0.1, ge=0.0)
+    """Peak weight of the consistency loss (SSL4MIS: 0.1), reached after ``rampup_iterations``."""
     rampup_iterations: int = Field(default=200, ge=0)
     """Sigmoid ramp length (Laine & Aila), in global training iterations."""
     ema_decay: float = Field(default=0.99, ge=0.0, le=1.0)
+    """Teacher = EMA of the student with this decay (lower in the first steps: min(1 - 1/(step+1), decay))."""
     noise_std: float = Field(default=0.1, ge=0.0)
+    """Gaussian noise added to the teacher's input (Mean Teacher), clipped to +-``noise_clip``."""
     noise_clip: float = Field(default=0.2, ge=0.0)
+    """See ``noise_std``."""
     uamt_passes: int = Field(default=8, ge=1)
     """Stochastic (noise + dropout) teacher passes for the UA-MT uncertainty, SSL4MIS's T = 8."""
     uamt_threshold_start: float = 0.75
+    """See ``uamt_threshold_end``."""
     uamt_threshold_end: float = 1.0
     """The UA-MT uncertainty threshold ramps from start to end (times ln(num_classes)) along a sigmoid over
     the whole run (rounds x train.iterations), as SSL4MIS: ``(0.75 + 0.25 * sigmoid_rampup(it, max_it)) *
@@ -143,6 +156,7 @@ class PseudoLabelConfig(_Strict):
     default, which changed later (:func:`with_defaults`)."""
 
     enabled: bool = True
+    """The SemiSAM term on/off (off, or weight 0: no SAM pool, rounds only train)."""
     weight: float = Field(default=0.05, ge=0.0)
     """Peak weight of the term (the official SemiSAM code: 0.5 * 0.1 = 0.05; the strong form: 0.5)."""
     loss: Literal["ce_dice", "mse"] = "mse"
@@ -179,9 +193,11 @@ class AugmentConfig(_Strict):
     """Augmentation of training crops (see ``pipeline.training.augment``); labeled and unlabeled alike."""
 
     enabled: bool = True
+    """Augment training crops at all."""
     spatial_probability: float = Field(default=0.5, ge=0.0, le=1.0)
     """Chance of each spatial change (rotation, scale) per crop."""
     rotation_degrees: float = Field(default=20.0, ge=0.0, le=180.0)
+    """In-slice rotation drawn uniformly in +-this many degrees."""
     scale_range: list[float] = Field(default_factory=lambda: [0.85, 1.2], min_length=2, max_length=2)
     """Zoom factors drawn uniformly; >1 shows more of the volume (objects look smaller)."""
     mirror: bool = False
@@ -190,8 +206,11 @@ class AugmentConfig(_Strict):
     intensity_probability: float = Field(default=0.3, ge=0.0, le=1.0)
     """Chance of each intensity change (brightness, contrast, gamma, noise) per crop."""
     brightness_range: list[float] = Field(default_factory=lambda: [0.75, 1.25], min_length=2, max_length=2)
+    """Multiplicative brightness factor drawn uniformly in this range."""
     contrast_range: list[float] = Field(default_factory=lambda: [0.75, 1.25], min_length=2, max_length=2)
+    """Contrast factor around the crop's mean, drawn uniformly in this range."""
     gamma_range: list[float] = Field(default_factory=lambda: [0.7, 1.5], min_length=2, max_length=2)
+    """Gamma drawn uniformly in this range, applied to the crop rescaled to [0, 1] and back."""
     noise_std: float = Field(default=0.1, ge=0.0)
     """Largest standard deviation of the additive noise (z-score units); each crop draws one below it."""
 
@@ -200,19 +219,29 @@ class TrainConfig(_Strict):
     """One training round of the specialist."""
 
     method: Literal["supervised", "mean_teacher", "uamt"] = "mean_teacher"
+    """The semi-supervised strategy: supervised only, Mean Teacher, or uncertainty-aware Mean Teacher (UA-MT).
+    The SemiSAM pseudo-label term is added on top of any of them (``pseudo_label``)."""
     iterations: int = Field(default=200, ge=1)
     """Iterations per round; the same budget every round."""
     labeled_batch_size: int = Field(default=4, ge=1)
+    """Labeled crops per iteration (SSL4MIS: half of a batch of 24 slices for 2D)."""
     unlabeled_batch_size: int = Field(default=4, ge=0)
+    """Unlabeled crops per iteration (consistency and pseudo-label terms); 0 trains on labeled crops only."""
     optimizer: Literal["sgd", "adam"] = "adam"
+    """adam, or sgd with momentum 0.9 (SSL4MIS uses SGD with lr 0.01)."""
     lr: float = Field(default=1e-3, gt=0)
+    """Learning rate, constant over the run (finite and > 0; a NaN or infinite loss still stops the run)."""
     weight_decay: float = Field(default=1e-4, ge=0)
+    """L2 weight decay of the optimizer."""
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     foreground_crop_probability: float = Field(default=0.5, ge=0.0, le=1.0)
     """Chance that a training crop is centred on foreground of a labeled case (small organs need it)."""
     log_every: int = Field(default=50, ge=1)
+    """Every N iterations: one log line of the loss terms, and the gradient shares of the unlabeled terms
+    (``consistency_grad_share``, ``pseudo_grad_share``), which cost two extra backward passes on those
+    iterations only."""
     init_from: str | None = None
     """Warm start: a run folder (or its ``checkpoints/ckpt_0000.pt``) whose round 0 this run takes instead of
     training its own. Allowed when data, split, model, seed and training settings match (the pseudo-label
@@ -230,6 +259,7 @@ class PromptConfig(_Strict):
     num_negative: int = Field(default=2, ge=0)
     """Negative points drawn from the box surroundings outside the predicted class."""
     use_box: bool = True
+    """Pass the box around the class's kept components (SAM's strongest prompt; LiteMedSAM needs it)."""
     use_points: bool = True
     """Pass the positive and negative points; false gives box-only prompts (what LiteMedSAM was trained
     with). The points are still drawn, so the random streams do not change with this setting."""
@@ -293,6 +323,7 @@ class SamConfig(_Strict):
     square image_size, scale to [0, 1], no mean/std (MedSAM's own inference). litemedsam: resize the
     longest side to 256, scale to [0, 1], pad (LiteMedSAM's own inference); the default of lite_medsam."""
     pixel_mean: list[float] = Field(default_factory=lambda: [123.675, 116.28, 103.53])
+    """See ``pixel_std``."""
     pixel_std: list[float] = Field(default_factory=lambda: [58.395, 57.12, 57.375])
     """SAM's ImageNet normalisation; MedSAM checkpoints use the same numbers after its own 0-255 scaling."""
     window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
@@ -323,6 +354,8 @@ class ClassicalConfig(_Strict):
 
 class GeneralistConfig(_Strict):
     backend: Literal["sam", "classical"] = "sam"
+    """sam: a SAM-family model (``sam``: ViT, tiny, LiteMedSAM); classical: the weight-free random walker
+    (``classical``), a baseline with no weights to download."""
     sam: SamConfig = Field(default_factory=SamConfig)
     classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
     class_source: Literal["generalist", "specialist", "auto"] | dict[int, Literal["generalist", "specialist", "auto"]] = "generalist"
@@ -339,6 +372,7 @@ class GeneralistConfig(_Strict):
     cache_embeddings: bool = True
     """Embed each slice once and reuse the embedding in every later round (SAM is frozen)."""
     cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage type of cached embeddings (float16 halves the disk and the reads)."""
     cache_dir: str | None = None
     """Where the embedding cache lives: None = ``<run folder>/embeddings.zarr`` (this run only); a path or
     fsspec URL (``s3://bucket/sam-cache``, opened with ``storage_options``) shares it between runs. Entries
@@ -354,7 +388,9 @@ class GeneralistConfig(_Strict):
 
 class ActorResources(_Strict):
     num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs Ray reserves for the actor (fractions allowed)."""
     num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs Ray reserves for the actor; 1 pins it to a GPU of its own (it uses ``cuda:0`` inside)."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads inside the actor; None keeps torch's default (Ray sets OMP_NUM_THREADS)."""
     resources: dict[str, float] = Field(default_factory=dict)
@@ -393,11 +429,11 @@ class FaultConfig(_Strict):
     message that names the missing resources (an autoscaler may add nodes meanwhile)."""
     hung_after_s: float = Field(default=60.0, gt=0)
     """Hang detection. A SAM actor whose call has run past max(``hung_after_s``, ``hung_factor`` x the median
-    call time so far; ``hung_factor`` x ``hung_after_s`` before any call returned) is asked whether it is
-    alive (it answers from a thread of its own); with no answer within ``hung_after_s`` it is declared hung:
-    named, killed, restarted by Ray, and its cases re-queued (one that answers is busy, e.g. a case that
-    missed the embedding cache: it is given more time, with a warning). The trainer is asked every 5 s; one
-    that has not answered for ``hung_after_s`` is killed and restarted from the newest published checkpoint."""
+    call time so far; ``hung_factor`` x ``hung_after_s`` before any call returned) and that has not answered
+    ``alive()`` (asked every 5 s, answered from a thread of its own) for 10 s is declared hung: named,
+    killed, restarted by Ray, and its cases re-queued. One that answers is busy (e.g. a case that missed the
+    embedding cache) and is given more time, with a warning. The trainer is asked every 5 s; one that has
+    not answered for ``hung_after_s`` is killed and restarted from the newest published checkpoint."""
     hung_factor: float = Field(default=10.0, ge=1)
     """See ``hung_after_s``."""
     lock_stale_s: float = Field(default=60.0, gt=0)
@@ -414,7 +450,9 @@ class WorkersConfig(_Strict):
     local_num_cpus: int | None = None
     """CPUs of a locally started cluster (None: all of this machine's)."""
     local_num_gpus: int | None = None
+    """GPUs a locally started cluster declares (None: what Ray detects)."""
     include_dashboard: bool = False
+    """Start the Ray dashboard with a locally started cluster (bound to ``dashboard_host``)."""
     dashboard_host: str = "127.0.0.1"
     """Dashboard binds to localhost unless you say otherwise: it can run code on the cluster."""
     trainer: ActorResources = Field(default_factory=ActorResources)
@@ -431,6 +469,7 @@ class WorkersConfig(_Strict):
 
 class EvalConfig(_Strict):
     hd_percentile: float = Field(default=95.0, gt=0, le=100)
+    """Percentile of the surface distance reported as HD (95: HD95), in mm (or voxels without spacing)."""
     every_round: bool = True
     """Evaluate on the test split after every round; False evaluates only the last round (benchmarks,
     where 60 test cases cost more than a round of training)."""
@@ -441,6 +480,7 @@ class EvalConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = "run"
+    """The run's name: its folder is ``output_dir/name``."""
     output_dir: str = "runs"
     """The run folder is ``output_dir/name``; rerunning the same folder resumes it. A local or NFS path, or
     any fsspec URL (``s3://bucket/runs``, ``gs://...``, ``file://...``). On a multi-node cluster it must be
@@ -451,6 +491,8 @@ class RunConfig(_Strict):
     rounds: int = Field(default=2, ge=1)
     """Round 0 trains without pseudo-labels; rounds 1.. relabel with the previous checkpoint, then train."""
     seed: int = 0
+    """Seeds the network's initialisation, the crops and augmentation of each round (drawn from (seed,
+    step)), and each case's prompt sampler (seed, round, case)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:0 when torch sees a GPU (inside a Ray actor that is its own GPU), else cpu."""
     data: DataConfig

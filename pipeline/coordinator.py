@@ -49,7 +49,17 @@ from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.generalist.factory import generalist_name
 from pipeline.interrupt import POLL_SECONDS, StopFlag
 from pipeline.placement import describe, plan_pool, request_of
-from pipeline.pool import DEAD, HangWatch, SamPool, creation_failed, kill_actor, short_cause, task_error_cause
+from pipeline.pool import (
+    DEAD,
+    HEARTBEAT_SECONDS,
+    SILENT_SECONDS,
+    HangWatch,
+    SamPool,
+    creation_failed,
+    kill_actor,
+    short_cause,
+    task_error_cause,
+)
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.run_lock import RunLock
@@ -67,8 +77,6 @@ RESUMABLE_CHANGES = {"rounds", "workers", "device"}
 MANIFEST_FLUSH_SECONDS = 10.0
 # Calls queued per ready SAM actor (one running, one waiting, so an actor never idles between cases).
 CALLS_PER_ACTOR = 2
-# How often the driver asks a busy trainer whether it is alive (see Coordinator._get).
-HEARTBEAT_SECONDS = 5.0
 # How long the driver waits for the SAM actors' counters at the end of a run (they are only statistics).
 STATS_TIMEOUT_S = 10.0
 
@@ -650,10 +658,10 @@ class Coordinator:
                 for m, seconds in self.hang_watch.hung(self.pool.members):
                     held = [ref for ref, (mm, _) in in_flight.items() if mm is m]
                     log.error("round %d: %s has not returned a call for %.0f s (deadline %.0f s: max(%.0f s, %g x "
-                              "the median call; workers.faults.hung_after_s, hung_factor)) nor answered alive() for "
-                              "%.0f s: declared hung, killed and restarted; its cases go back to the queue", r,
-                              m.label, seconds, self.hang_watch.deadline(), self.faults.hung_after_s,
-                              self.faults.hung_factor, self.faults.hung_after_s)
+                              "the median call; workers.faults.hung_after_s, hung_factor)) and has not answered "
+                              "alive() for %.0f s: declared hung, killed and restarted; its cases go back to the "
+                              "queue", r, m.label, seconds, self.hang_watch.deadline(), self.faults.hung_after_s,
+                              self.faults.hung_factor, SILENT_SECONDS)
                     kill_actor(m.handle, m.info)
                     self.hang_watch.forget(m)
                     self.pool.lost(m, HungError(f"no answer for {seconds:.0f} s"))
@@ -727,7 +735,7 @@ class Coordinator:
                                   f"{self.faults.max_failed_fraction}); first: {first}")
             log.warning("%s; training goes on without them", msg)
         dead = [m for m in self.pool.members if m.state == DEAD]
-        if dead or len(self.pool.ready()) < self.sam_wanted:
+        if todo and (dead or len(self.pool.ready()) < self.sam_wanted):  # a round with nothing to do used no actor
             log.warning("round %d ran with %d of %d wanted SAM actors", r, len(self.pool.ready()), self.sam_wanted)
         m = self.store.manifest(r)
         prompted = m[m["num_prompts"] > 0]

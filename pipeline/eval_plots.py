@@ -46,16 +46,18 @@ def write_eval_plots(run_dir: Path, out_dir: Path) -> EvalPlot:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.reports import eval_frame
+    from pipeline.reports import class_label, eval_frame
 
-    test = eval_frame(run_dir).sort_values("round")
+    frame = eval_frame(run_dir)
+    names = frame.attrs.get("class_names", {})
+    test = frame.sort_values("round")
     audit = audit_frame(run_dir).sort_values("round")
     panels = ["test Dice per round"] + (["pseudo-label vs specialist Dice (audit)"] if len(audit) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
     ax = axes[0, 0]
     ax.plot(test["round"], test["dice"], "o-", color="black", linewidth=2, label="mean")
     for column in sorted(c for c in test.columns if c.startswith("dice_class")):
-        ax.plot(test["round"], test[column], "o--", linewidth=1, label=column.replace("dice_", ""))
+        ax.plot(test["round"], test[column], "o--", linewidth=1, label=class_label(column, names))
     ax.set_title(panels[0], fontsize=10)
     if len(audit):
         ax2 = axes[0, 1]

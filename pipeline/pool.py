@@ -179,24 +179,30 @@ def _creation_cause(err: ActorDiedError) -> str:
     return (errors[-1] if errors else lines[-1] if lines else text)[:500]
 
 
+HEARTBEAT_SECONDS = 5.0
+"""How often a busy actor is asked ``alive()``."""
+SILENT_SECONDS = 10.0
+"""A busy actor whose ``alive()`` has not answered for this long is silent (two heartbeats missed)."""
+
+
 class HangWatch:
-    """Which SAM actors are hung: a call past its deadline, and no answer to ``alive()`` either.
+    """Which SAM actors are hung: a call past its deadline, and the actor silent.
 
     Calls to one actor run one after another, so a member's running call starts when it gets work while
     idle, or when its previous call returns with more queued. Deadline: ``max(min_s, factor x the median
     call time so far)``; before any call has returned, ``factor x min_s`` (the first call also loads
     weights and fills caches). The clock outlives a round, so later rounds use what earlier ones measured.
-    A call past its deadline is not yet a hang: a case that misses the embedding cache may take far longer
-    than the cached ones that set the median. The actor is then asked ``alive()``, which it answers from a
-    thread of its own; it is hung when that has no answer within ``min_s`` (a stopped or wedged process),
-    and given more time, with one warning, when it answers (busy).
+    A busy actor is asked ``alive()`` every ``HEARTBEAT_SECONDS``, which it answers from a thread of its
+    own. A call past its deadline whose actor has been silent for ``SILENT_SECONDS`` is a hang (a stopped or
+    wedged process); one whose actor still answers is busy (a case that missed the embedding cache can take
+    far longer than the cached ones that set the median) and is given more time, with one warning.
     """
 
     def __init__(self, min_s: float, factor: float):
         self.min_s, self.factor = min_s, factor
         self.durations: list[float] = []
         self.since: dict[int, float] = {}
-        self.probes: dict[int, tuple[object | None, float]] = {}  # member -> (pending alive() or None, when)
+        self.probes: dict[int, tuple[object | None, float, float]] = {}  # member -> (pending, sent, last answer)
         self.warned: set[int] = set()
 
     def deadline(self) -> float:
@@ -225,19 +231,19 @@ class HangWatch:
         """(member, seconds its call has run) for each member found hung now (see the class docstring)."""
         now, limit, out = time.monotonic(), self.deadline(), []
         for index, started in list(self.since.items()):
+            m = members[index]
+            ref, sent, answered = self.probes.get(index, (None, 0.0, started))
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
+                ref, answered = None, now
+            if ref is None and now - sent >= HEARTBEAT_SECONDS:
+                ref, sent = m.handle.alive.remote(), now
+            self.probes[index] = (ref, sent, answered)
             if now - started <= limit:
                 continue
-            m = members[index]
-            ref, sent = self.probes.get(index, (None, 0.0))
-            if ref is None:
-                if now - sent >= self.min_s:  # ask (again): the first time past the deadline, then every min_s
-                    self.probes[index] = (m.handle.alive.remote(), now)
-            elif ray.wait([ref], timeout=0)[0]:
-                self.probes[index] = (None, now)
-                if index not in self.warned:
-                    self.warned.add(index)
-                    log.warning("%s: its call has run %.0f s, past the deadline of %.0f s, but the actor answers: "
-                                "waiting for it", m.label, now - started, limit)
-            elif now - sent > self.min_s:
+            if now - answered > SILENT_SECONDS:
                 out.append((m, now - started))
+            elif index not in self.warned:
+                self.warned.add(index)
+                log.warning("%s: its call has run %.0f s, past the deadline of %.0f s, but the actor answers: "
+                            "waiting for it", m.label, now - started, limit)
         return out

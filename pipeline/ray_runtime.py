@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -26,6 +27,10 @@ def init_ray(cfg: WorkersConfig) -> bool:
     """Connect to or start Ray. Returns True if this call started it (so the caller shuts it down)."""
     if ray.is_initialized():
         return False
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # Ray wraps its "(Actor pid=...)" log prefixes in colour codes unless told not to; in a log file,
+        # a CI page or `ray job logs` they are noise. A user's own setting wins.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address == "auto":
         address = _own_current_cluster()

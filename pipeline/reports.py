@@ -111,11 +111,21 @@ def eval_frame(run_dir: Path) -> pd.DataFrame:
     files = [eval_dir / n for n in eval_dir.list_names() if n.startswith("round_") and n.endswith(".parquet")]
     if not files:
         raise StoreError(f"{run_dir} has no eval/round_*.parquet (has the run finished a round?)")
-    rows = []
+    rows, names = [], {}
     for f in files:
         df = read_table(f)
         rows.append({"round": int(df["round"].iloc[0]), "cases": df["case_id"].nunique(), **round_means(df)})
-    return pd.DataFrame(rows)
+        if "class_name" in df:  # tables written before class names were recorded have none
+            names.update(zip(df["class_id"].astype(int), df["class_name"].astype(str), strict=True))
+    frame = pd.DataFrame(rows)
+    frame.attrs["class_names"] = names
+    return frame
+
+
+def class_label(column: str, names: dict[int, str]) -> str:
+    """``dice_class3`` -> ``LV`` when the run recorded class names, else ``class3``."""
+    cid = int(column.rsplit("class", 1)[1])
+    return names.get(cid, f"class{cid}")
 
 
 def eval_table(run_dir: Path) -> str:
@@ -125,4 +135,6 @@ def eval_table(run_dir: Path) -> str:
     header = {frozenset({"mm"}): "distances in mm",
               frozenset({"vox"}): "distances in voxels (no voxel spacing known)"}.get(
         frozenset(units), "distances in mm (hd95_mm, asd_mm) and in voxels (hd95_vox, asd_vox)")
-    return header + "\n" + frame.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    names = frame.attrs.get("class_names", {})
+    shown = frame.rename(columns={c: f"dice_{class_label(c, names)}" for c in frame.columns if c.startswith("dice_class")})
+    return header + "\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.4f}")

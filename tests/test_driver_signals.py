@@ -74,6 +74,8 @@ def test_signal_during_training_stops_within_seconds_and_resumes(data12, tmp_pat
     out = subprocess.run([SEMISAM, "run", str(path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cases already relabeled, 0 to go" in out.stderr
+    assert "wanted SAM actors" not in out.stderr  # issue 18: nothing to relabel is not a short-handed round
+    assert "\x1b[" not in out.stdout + out.stderr  # no colour codes when the output is not a terminal
     assert_exactly_once(cfg, [1])
 
 

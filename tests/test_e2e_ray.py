@@ -157,6 +157,10 @@ def test_cli_inspect_and_eval_read_the_run(finished_run, capsys, tmp_path, monke
     assert cli_main(["eval", str(cfg.run_dir)]) == 0
     out = capsys.readouterr().out
     assert "mm" in out and "dice" in out
+    names = read_dataset_info(cfg.data.root).labels  # the class names reach the eval table and its text
+    table = pd.read_parquet(Path(cfg.run_dir) / "eval" / "round_000.parquet")
+    assert dict(zip(table["class_id"], table["class_name"], strict=True)) == {c: names[c] for c in table["class_id"]}
+    assert all(f"dice_{names[c]}" in out for c in set(table["class_id"]))
 
 
 def test_without_the_pseudo_label_term_rounds_only_train(ray_cluster, synthetic_root, tmp_path):

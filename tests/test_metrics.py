@@ -430,3 +430,23 @@ def test_h5_distances_are_in_voxels_unless_a_spacing_is_given(tmp_path):
     assert distance_spacing(msd_cfg.data, [EvalVolume("case_000", image, image, spacing)]) == {"case_000": spacing}
     with pytest.raises(ConfigError, match="data.spacing is for h5"):
         small_config(msd, tmp_path / "run", data={"format": "msd", "spacing": [1, 1, 1]})
+
+
+def test_eval_table_and_plot_name_the_classes(tmp_path):
+    """Issue 18: results said class1/2/3 when dataset.json names RV/MYO/LV."""
+    from pipeline.eval_plots import write_eval_plots
+    from pipeline.reports import eval_table
+
+    (tmp_path / "eval").mkdir()
+    df = _eval_table("mm")
+    df.insert(0, "round", 0)
+    df.insert(2, "class_name", df["class_id"].map({1: "RV", 2: "LV"}))
+    df.to_parquet(tmp_path / "eval" / "round_000.parquet", index=False)
+    header = eval_table(tmp_path).splitlines()[1].split()
+    assert "dice_RV" in header and "dice_LV" in header and "dice_class1" not in header
+    plot = write_eval_plots(tmp_path, tmp_path / "png")
+    assert plot.path.is_file()
+    legacy = _eval_table("mm")  # a table written before class names were recorded
+    legacy.insert(0, "round", 1)
+    legacy.to_parquet(tmp_path / "eval" / "round_001.parquet", index=False)
+    assert "dice_RV" in eval_table(tmp_path)  # the names recorded in round 0 still apply

@@ -51,3 +51,20 @@ def test_consensus_gate_drops_voxels_where_generalist_and_specialist_differ(stor
     w = pl.weight(pl.labels.shape, 2)
     assert w.sum() == 3 * 4 * 5 - 2
     assert w[1, 1, 0] == 0 and w[3, 4, 0] == 0 and w[1, 2, 0] == 1
+
+
+def test_an_empty_mask_never_passes_the_score_gate(tmp_path):
+    """Issue 18: a prompted class whose mask came back empty scored 0.59 and passed a 0.5 gate."""
+    from pipeline.store import PseudoLabelStore
+    from pipeline.training.pseudo_labels import empty_prompted, load_pseudo_labels
+
+    pl = np.zeros((3, 4, 4), np.uint8)
+    pl[0, 1, 1] = 1          # slice 0: class 1 prompted and found
+    pl[1, 2, 2] = 2          # slice 1: class 1 prompted, its mask empty (class 2 not prompted)
+    scores = np.array([[0.9, np.nan], [0.59, np.nan], [np.nan, np.nan]], np.float32)  # slice 2: no prompt
+    assert empty_prompted(pl, scores, [1, 2]).tolist() == [False, True, False]
+    store = PseudoLabelStore(tmp_path / "pl", create=True, class_ids=[1, 2])
+    store.ensure_round(1, 0, "g")
+    store.write_case(1, "c1", pl, pl.copy(), scores, {})
+    gated = load_pseudo_labels(store, 1, ["c1"], 0, 0.5)["c1"]
+    assert gated.slice_weight.tolist() == [1.0, 0.0, 1.0]

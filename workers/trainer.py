@@ -139,10 +139,12 @@ class TrainerWorker:
 
     def evaluate(self, round_index: int) -> pd.DataFrame:
         """Evaluate checkpoint ``round_index`` on the test split; also written to ``eval/round_NNN.parquet``
-        with the checkpoint's SHA-256 in every row (``checkpoint_sha256``)."""
+        with the class's name (``class_name``, from dataset.json or ``data.labels``) and the checkpoint's
+        SHA-256 (``checkpoint_sha256``) in every row."""
         self._holds(round_index, f"evaluate round {round_index}")
         df = evaluate_model(self.trainer.student, self.test, self.cfg, self.class_ids, self.device)
         df.insert(0, "round", round_index)
+        df.insert(df.columns.get_loc("class_id") + 1, "class_name", df["class_id"].map(self.info.labels))
         df["checkpoint_sha256"] = self.sha
         write_table(df, self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet")
         return df

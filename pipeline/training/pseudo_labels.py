@@ -19,14 +19,29 @@ def slice_scores(scores: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def empty_prompted(pseudo_label: np.ndarray, scores: np.ndarray, class_ids: list[int]) -> np.ndarray:
+    """bool (S,): slices where a class was prompted (its score is not NaN) but its mask came back empty. The
+    specialist saw the class there (that is why it was prompted); an empty answer is a failed mask, however
+    confident its score, not evidence that the class is absent."""
+    out = np.zeros(len(scores), bool)
+    for k, c in enumerate(class_ids):
+        prompted = ~np.isnan(scores[:, k])
+        if prompted.any():
+            present = (pseudo_label == c).reshape(len(pseudo_label), -1).any(axis=1)
+            out |= prompted & ~present
+    return out
+
+
 def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores: np.ndarray, slice_axis: int,
                        min_score: float, consensus_only: bool = False,
-                       uncertainty: np.ndarray | None = None) -> PseudoLabel:
+                       uncertainty: np.ndarray | None = None, class_ids: list[int] | None = None) -> PseudoLabel:
     """One case's relabel output (``pseudo_label``, ``specialist`` uint8 (S, H, W) slice-first, ``scores``
     float32 (S, K)) as a training :class:`PseudoLabel` in volume axis order, with slice weights 1/0.
 
     A slice without any prompt (score NaN) is kept: its pseudo-label is background, which the specialist
-    itself predicted there. A prompted slice is kept when its mean score reaches ``min_score``.
+    itself predicted there. A prompted slice is kept when its mean score reaches ``min_score`` and, with
+    ``class_ids`` (the store's foreground classes, the columns of ``scores``), no prompted class came back
+    as an empty mask (:func:`empty_prompted`: such masks scored 0.59 and passed a 0.5 gate).
     ``consensus_only``: voxels where the pseudo-label differs from the specialist prediction stored with
     it (the one its prompts came from) get weight 0 (``PseudoLabel.voxel_weight``).
     ``uncertainty`` float (S, H, W) (the prompt ensemble's disagreement, slice-first): every voxel is
@@ -34,6 +49,8 @@ def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores:
     """
     mean = slice_scores(scores)
     keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
+    if class_ids is not None:
+        keep[empty_prompted(pseudo_label, scores, class_ids)] = 0.0
     labels = np.moveaxis(pseudo_label, 0, slice_axis)
     voxel = None
     if consensus_only:
@@ -60,5 +77,6 @@ def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list
                              "prompts.ensemble > 1 when the round is relabeled")
         out[case_id] = gated_pseudo_label(stored["pseudo_label"], stored["specialist"], stored["scores"],
                                           slice_axis, min_score, consensus_only,
-                                          stored["uncertainty"] if uncertainty_weighting else None)
+                                          stored["uncertainty"] if uncertainty_weighting else None,
+                                          store.class_ids)
     return out

@@ -1,0 +1,315 @@
+"""Issue 16's faults injected from outside into real `semisam run conf/demo.yaml` processes, as the tester did.
+
+    .venv/bin/python -m benchmarks.faults_outside            # ~15 min on 2 cores
+    .venv/bin/python -m benchmarks.faults_outside --only trainer_killed_evaluating
+
+Every fault runs the demo config (its synthetic data, written once) with the CLI in a subprocess; the
+script watches the run folder and the process tree of that driver (never another Ray cluster's
+processes), and sends real signals, flips real bytes, fills a real (tmpfs) disk. A fault passes when it
+ends one of the two ways issue 16 allows: the reference run's final test Dice (the run without the fault;
+training draws its randomness from (seed, step), so equality is exact) with `semisam verify` OK, or a
+non-zero exit whose error is one line that names what is wrong, with no traceback.
+Results: ``benchmarks/results/faults_outside.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import machine_info, setup_logging
+
+log = logging.getLogger("benchmarks.faults_outside")
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "runs" / "faults_outside"
+RESULT = ROOT / "benchmarks" / "results" / "faults_outside.json"
+SEMISAM = Path(sys.executable).parent / "semisam"
+
+
+def _procs() -> dict[int, tuple[int, str, str]]:
+    """{pid: (parent pid, state, command line)} of every process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                out[int(d.name)] = (int(fields[1]), fields[0],
+                                    (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped, not gone and not a zombie."""
+    state = _procs().get(pid, (0, "X", ""))[1]
+    return state not in ("X", "Z")
+
+
+class Run:
+    """One `semisam run conf/demo.yaml` subprocess on the demo data, its run folder and its log."""
+
+    def __init__(self, name: str, *overrides: str, data: Path | None = None, output: Path | None = None):
+        data = data or WORK / "data"
+        self.dir = (output or WORK / "runs") / name
+        self.args = [str(SEMISAM), "run", "conf/demo.yaml", f"name={name}", f"output_dir={self.dir.parent}",
+                     f"data.root={data}", f"data.split_file={data / 'splits.json'}", *overrides]
+        self.proc: subprocess.Popen | None = None
+        self.log = ""
+
+    def start(self) -> Run:
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self.logfile = open(self.dir.parent / f"{self.dir.name}.log", "a")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.logfile, stderr=subprocess.STDOUT)
+        return self
+
+    def wait(self, timeout: float = 900) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.logfile.close()
+        self.log = (self.dir.parent / f"{self.dir.name}.log").read_text()
+        return rc
+
+    def actors(self, kind: str) -> list[int]:
+        """Pids of this driver's actor processes whose name starts with ``ray::{kind}`` (TrainerWorker,
+        SamWorker, TrainerWorker.train_round): descendants of this driver only, never another cluster's."""
+        procs = _procs()
+        mine, frontier = set(), {self.proc.pid}
+        while frontier:
+            frontier = {pid for pid, (ppid, _, _) in procs.items() if ppid in frontier} - mine
+            mine |= frontier
+        return sorted(pid for pid in mine if procs[pid][2].startswith(f"ray::{kind}") and procs[pid][1] != "Z")
+
+    def busy_in(self, method: str) -> bool:
+        """Whether an actor of this driver runs ``method`` (Ray names the process ``ray::Class.method``)."""
+        return bool(self.actors(method))
+
+    def final_dice(self) -> float:
+        last = max(self.dir.glob("eval/round_*.parquet"))
+        return float(pd.read_parquet(last)["dice"].mean())
+
+
+def _wait_for(cond, timeout: float = 600, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def _verify(run_dir: Path) -> tuple[bool, str]:
+    out = subprocess.run([str(SEMISAM), "verify", str(run_dir)], capture_output=True, text=True)
+    return out.returncode == 0, (out.stdout + out.stderr).strip()
+
+
+def _error_lines(text: str) -> tuple[list[str], bool]:
+    """The ERROR lines the driver logged, and whether a traceback appears anywhere in its output."""
+    return [ln for ln in text.splitlines() if " ERROR " in ln and "pipeline.cli" in ln], "Traceback" in text
+
+
+def _result(run: Run, rc: int, reference: float | None, **extra) -> dict:
+    errors, traceback = _error_lines(run.log)
+    ok, report = _verify(run.dir) if run.dir.exists() else (False, "no run folder")
+    out = {"exit": rc, "error": errors[-1].split("pipeline.cli: ", 1)[-1] if errors else "", "traceback": traceback,
+           "verify_ok": ok, **extra}
+    if rc == 0:
+        out["final_dice"] = run.final_dice()
+        out["same_as_reference"] = reference is not None and abs(out["final_dice"] - reference) < 1e-6
+        out["passed"] = out["same_as_reference"] and ok
+    else:
+        out["verify"] = report.splitlines()[:4]
+        out["passed"] = len(errors) == 1 and not traceback
+    return out
+
+
+# -- the faults ----------------------------------------------------------------------------------------
+def trainer_killed_evaluating(ref: float) -> dict:
+    """SIGKILL the trainer as soon as each round's checkpoint is published (it then evaluates)."""
+    run = Run("trainer_killed_evaluating").start()
+    for r in range(3):
+        _wait_for(lambda r=r: (run.dir / "checkpoints" / f"ckpt_{r:04d}.pt.sha256").exists(), what=f"ckpt {r}")
+        for pid in run.actors("TrainerWorker"):
+            os.kill(pid, signal.SIGKILL)
+    return _result(run, run.wait(), ref, kills=3)
+
+
+def trainer_stopped(ref: float) -> dict:
+    """SIGSTOP the trainer 1 s into round 1's training (after round 1's pseudo-labels are in), defaults."""
+    run = Run("trainer_stopped").start()
+    _wait_for(lambda: (run.dir / "eval" / "round_000.parquet").exists(), what="round 0")
+    _wait_for(lambda: run.busy_in("TrainerWorker.train_round"), what="round 1 training")
+    time.sleep(1.0)
+    victim = run.actors("TrainerWorker")[0]
+    os.kill(victim, signal.SIGSTOP)
+    t0 = time.monotonic()
+    _wait_for(lambda: not alive(victim), timeout=600, what="trainer replaced")
+    replaced_s = time.monotonic() - t0
+    return _result(run, run.wait(), ref, replaced_after_s=round(replaced_s, 1))
+
+
+def sam_stopped(ref: float) -> dict:
+    """SIGSTOP one SAM actor for 120 s while it relabels a case in round 1, with the default deadline."""
+    run = Run("sam_stopped").start()
+    _wait_for(lambda: (run.dir / "eval" / "round_000.parquet").exists(), what="round 0")
+    _wait_for(lambda: run.busy_in("SamWorker.relabel"), what="a SAM actor relabeling")
+    victim = run.actors("SamWorker.relabel")[0]
+    os.kill(victim, signal.SIGSTOP)
+    t0 = time.monotonic()
+    threading.Timer(120, lambda: alive(victim) and os.kill(victim, signal.SIGCONT)).start()
+    _wait_for(lambda: not alive(victim) or time.monotonic() - t0 > 125, timeout=200, what="SAM actor replaced")
+    replaced_s = time.monotonic() - t0
+    res = _result(run, run.wait(), ref, replaced_after_s=round(replaced_s, 1), replaced=replaced_s < 120)
+    res["hung_line"] = next((ln.split("pipeline.coordinator: ", 1)[-1] for ln in run.log.splitlines()
+                             if "declared hung" in ln), "")
+    res["passed"] = res["passed"] and res["replaced"] and bool(res["hung_line"])
+    return res
+
+
+def chunk_bit_flipped(ref: float) -> dict:
+    """Flip one bit in a round-1 mask chunk of a finished run; `semisam verify`; rerun; compare bytes."""
+    run = Run("chunk_bit_flipped").start()
+    rc = run.wait()
+    case = sorted(p.name for p in (run.dir / "pseudo_labels" / "masks.zarr" / "round_001").iterdir() if p.is_dir())[0]
+    chunk = run.dir / "pseudo_labels" / "masks.zarr" / "round_001" / case / "pseudo_label" / "c" / "0" / "0" / "0"
+    original = chunk.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    ok_before, report = _verify(run.dir)
+    named = (not ok_before) and case in report
+    rc = run.start().wait()
+    res = _result(run, rc, ref, verify_named_the_case=named)
+    res["restored_bytes"] = chunk.read_bytes() == original
+    res["passed"] = res["passed"] and named and res["restored_bytes"]
+    return res
+
+
+def live_pid_stale_lock(ref: float) -> dict:
+    """A lock held by a live process on this host (pid reused) whose heartbeat is a day old."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    run = Run("live_pid_stale_lock")
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "driver.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "token": "x",
+                                                     "started": time.time() - 86400,
+                                                     "heartbeat": time.time() - 86400}))
+    try:
+        return _result(run.start(), run.wait(), ref)
+    finally:
+        sleeper.kill()
+
+
+def non_finite(ref: float) -> dict:
+    """The pseudo-label term weighted 1e30 with SGD: finite in the config, NaN in round 1."""
+    run = Run("non_finite", "train.optimizer=sgd", "train.pseudo_label.weight=1e30").start()
+    res = _result(run, run.wait(), None)
+    res["checkpoint_0_kept"] = (run.dir / "checkpoints" / "ckpt_0000.pt").exists()
+    res["passed"] = res["passed"] and "training stopped at step" in res["error"] and res["checkpoint_0_kept"]
+    inf = Run("lr_inf", "train.lr=inf").start()
+    rc = inf.wait()
+    errors, tb = _error_lines(inf.log)
+    res["lr_inf"] = {"exit": rc, "error": errors[-1].split("pipeline.cli: ", 1)[-1] if errors else "",
+                     "traceback": tb}
+    res["passed"] = res["passed"] and rc != 0 and not tb and len(errors) == 1
+    return res
+
+
+def disk_full(ref: float) -> dict:
+    """The run folder on a 64 MiB tmpfs, filled up once round 1's relabeling has begun; then freed, rerun."""
+    disk = WORK / "disk"
+    disk.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode:
+        return {"skipped": "cannot mount a tmpfs (needs root)", "passed": None}
+    try:
+        run = Run("disk_full", output=disk / "runs").start()
+        _wait_for(lambda: any((run.dir / "pseudo_labels" / "manifest").glob("part-r001-*")), what="round 1")
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        rc = run.wait()
+        first = _result(run, rc, None)
+        filler.unlink()
+        second = _result(run.start(), run.wait(), ref)
+        return {"first": first, "after_freeing": second, "passed": first["passed"] and first["exit"] != 0
+                and "disk is full" in first["error"] and second["passed"]}
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def blank_image(ref: float) -> dict:
+    """One unlabeled case's image replaced by zeros (same header)."""
+    data = WORK / "data_blank"
+    if not data.exists():
+        shutil.copytree(WORK / "data", data)
+    split = json.loads((data / "splits.json").read_text())
+    case = split["train_order"][-1]  # num_labeled = 2 takes the first ones: the last is unlabeled
+    path = next((data / "imagesTr").glob(f"{case}*.nii.gz"))
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine, img.header), path)
+    run = Run("blank_image", data=data).start()
+    rc = run.wait()
+    warned = any("the image is constant" in ln and case in ln for ln in run.log.splitlines())
+    m = pd.concat(pd.read_parquet(p) for p in (run.dir / "pseudo_labels" / "manifest").glob("*.parquet"))
+    prompts = int(m.loc[m["case_id"] == case, "num_prompts"].sum())
+    return {"exit": rc, "case": case, "warned": warned, "prompts_on_the_blank_case": prompts,
+            "passed": rc == 0 and warned and prompts == 0}
+
+
+FAULTS = {f.__name__: f for f in (trainer_killed_evaluating, trainer_stopped, sam_stopped, chunk_bit_flipped,
+                                  live_pid_stale_lock, non_finite, disk_full, blank_image)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="*", choices=sorted(FAULTS), default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    setup_logging(args.verbose, log)
+    WORK.mkdir(parents=True, exist_ok=True)
+    for stale in (WORK / "runs").glob("*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if not (WORK / "data" / "splits.json").exists():
+        subprocess.run([str(SEMISAM), "demo-data", str(WORK / "data")], check=True, cwd=ROOT)
+    t = time.perf_counter()
+    reference = Run("reference").start()
+    assert reference.wait() == 0, reference.log[-3000:]
+    ref = reference.final_dice()
+    log.info("reference: final test Dice %.4f (%.0f s)", ref, time.perf_counter() - t)
+    rows = {}
+    for name in args.only or list(FAULTS):
+        t = time.perf_counter()
+        try:
+            rows[name] = FAULTS[name](ref)
+        except Exception as e:  # noqa: BLE001 - a fault that hangs or breaks the harness is a result too
+            rows[name] = {"harness_error": f"{type(e).__name__}: {e}", "passed": False}
+        rows[name]["seconds"] = round(time.perf_counter() - t, 1)
+        log.info("%s: %s", name, json.dumps(rows[name])[:600])
+    old = json.loads(RESULT.read_text())["faults"] if args.only and RESULT.exists() else {}
+    RESULT.write_text(json.dumps({
+        "command": "python -m benchmarks.faults_outside" + (" --only " + " ".join(args.only) if args.only else ""),
+        "date": dt.date.today().isoformat(), "machine": machine_info(), "reference_final_dice": ref,
+        "faults": {**old, **rows}}, indent=1))
+    for name, row in rows.items():
+        print(f"{name:<28} {'passed' if row.get('passed') else 'FAILED' if row.get('passed') is False else 'skipped'}")
+
+
+if __name__ == "__main__":
+    main()
