@@ -72,16 +72,21 @@ class Run:
         self.proc: subprocess.Popen | None = None
         self.log = ""
 
+    @property
+    def log_path(self) -> Path:
+        return WORK / "logs" / f"{self.dir.name}.log"  # off the run's disk: kept when that disk goes
+
     def start(self) -> Run:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        self.logfile = open(self.dir.parent / f"{self.dir.name}.log", "a")  # noqa: SIM115 - closed in wait()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.logfile = open(self.log_path, "a")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.logfile, stderr=subprocess.STDOUT)
         return self
 
     def wait(self, timeout: float = 900) -> int:
         rc = self.proc.wait(timeout=timeout)
         self.logfile.close()
-        self.log = (self.dir.parent / f"{self.dir.name}.log").read_text()
+        self.log = self.log_path.read_text()
         return rc
 
     def actors(self, kind: str) -> list[int]:
@@ -117,14 +122,21 @@ def _verify(run_dir: Path) -> tuple[bool, str]:
 
 
 def _error_lines(text: str) -> tuple[list[str], bool]:
-    """The ERROR lines the driver logged, and whether a traceback appears anywhere in its output."""
-    return [ln for ln in text.splitlines() if " ERROR " in ln and "pipeline.cli" in ln], "Traceback" in text
+    """The errors the CLI reported (``ERROR semisam: ...`` with any continuation lines, e.g. a config error's
+    list of keys), and whether a traceback appears anywhere in the output."""
+    errors: list[str] = []
+    for ln in text.splitlines():
+        if " ERROR semisam: " in ln:
+            errors.append(ln.split(" ERROR semisam: ", 1)[1])
+        elif errors and ln.startswith("  ") and not ln[:4].isdigit():
+            errors[-1] += "\n" + ln
+    return errors, "Traceback" in text
 
 
 def _result(run: Run, rc: int, reference: float | None, **extra) -> dict:
     errors, traceback = _error_lines(run.log)
     ok, report = _verify(run.dir) if run.dir.exists() else (False, "no run folder")
-    out = {"exit": rc, "error": errors[-1].split("pipeline.cli: ", 1)[-1] if errors else "", "traceback": traceback,
+    out = {"exit": rc, "error": errors[-1] if errors else "", "traceback": traceback,
            "verify_ok": ok, **extra}
     if rc == 0:
         out["final_dice"] = run.final_dice()
@@ -221,8 +233,7 @@ def non_finite(ref: float) -> dict:
     inf = Run("lr_inf", "train.lr=inf").start()
     rc = inf.wait()
     errors, tb = _error_lines(inf.log)
-    res["lr_inf"] = {"exit": rc, "error": errors[-1].split("pipeline.cli: ", 1)[-1] if errors else "",
-                     "traceback": tb}
+    res["lr_inf"] = {"exit": rc, "error": errors[-1] if errors else "", "traceback": tb}
     res["passed"] = res["passed"] and rc != 0 and not tb and len(errors) == 1
     return res
 
@@ -284,8 +295,9 @@ def main() -> None:
     args = p.parse_args()
     setup_logging(args.verbose, log)
     WORK.mkdir(parents=True, exist_ok=True)
-    for stale in (WORK / "runs").glob("*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for stale in [*(WORK / "runs").glob("*"), *(WORK / "logs").glob("*")]:
+        if args.only is None or any(stale.name.startswith(name) for name in [*args.only, "reference"]):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if not (WORK / "data" / "splits.json").exists():
         subprocess.run([str(SEMISAM), "demo-data", str(WORK / "data")], check=True, cwd=ROOT)
     t = time.perf_counter()

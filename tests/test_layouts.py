@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import h5py
@@ -212,3 +213,41 @@ def test_ssl4mis_problems_name_the_files(tmp_path, ssl4mis_root):
     assert read_image_shape(info, "patient002_frame01") == (11, 40, 32)
     with pytest.raises(DatasetError, match=r"patient003_frame01_slice_4.h5: image slice shape \(40, 30\) differs"):
         load_image(info, "patient003_frame01")
+
+
+def test_flat_ssl4mis_slices_beside_the_volumes(ssl4mis_root, tmp_path):
+    """Issue 18: forks that keep the slice files flat in data/ were read as volumes (2,624 errors)."""
+    flat = tmp_path / "flat"
+    shutil.copytree(ssl4mis_root, flat)
+    for p in (flat / "data" / "slices").glob("*.h5"):
+        p.rename(flat / "data" / p.name)
+    (flat / "data" / "slices").rmdir()
+    layout = detect_layout(flat)
+    assert layout.format == "ssl4mis" and "slice files of 4 cases flat in data/ beside the volumes" in layout.found
+    nested, info = read_dataset_info(ssl4mis_root), read_dataset_info(flat)
+    assert list(info.cases) == list(nested.cases)
+    assert [p.name for p in info.cases["patient001_frame01"].slices] == \
+        [p.name for p in nested.cases["patient001_frame01"].slices]
+    np.testing.assert_array_equal(load_label(info, "patient002_frame01"), load_label(nested, "patient002_frame01"))
+    split = resolve_split(DataConfig(root=flat, num_labeled=1), info)
+    assert split == resolve_split(DataConfig(root=ssl4mis_root, num_labeled=1), nested)
+    assert validate_dataset(flat).format == "ssl4mis"
+
+
+def test_uamt_h5_folders_with_list_files_give_the_split(tmp_path):
+    """Issue 18: UA-MT's <case>/mri_norm2.h5 with train.list/test.list at the root; the lists were ignored."""
+    from pipeline.data.synthetic import write_synthetic_h5
+
+    flat = write_synthetic_h5(tmp_path / "h5", num_cases=5, shape=(16, 20, 12), seed=1)
+    root = tmp_path / "uamt"
+    root.mkdir()
+    for p in sorted(flat.glob("case_*.h5")):
+        (root / p.stem).mkdir()
+        p.rename(root / p.stem / "mri_norm2.h5")
+    (root / "train.list").write_text("case_003\ncase_001\ncase_004\n")
+    (root / "test.list").write_text("case_000\n")
+    layout = detect_layout(root)
+    assert layout.format == "h5" and "lists train.list, test.list" in layout.found
+    info = read_dataset_info(root)
+    split = resolve_split(DataConfig(root=root, num_labeled=1), info)
+    assert (split.labeled, split.unlabeled, split.test) == (["case_003"], ["case_001", "case_004"], ["case_000"])

@@ -315,7 +315,8 @@ def _read_h5_layout(root: Path) -> DatasetInfo:
         raise DatasetError(problems)
     if not cases:
         raise DatasetError(f"{root}: no .h5 files found; {_layout_hint(root)}")
-    return DatasetInfo(root=root, format="h5", labels=labels, cases=dict(sorted(cases.items())))
+    return DatasetInfo(root=root, format="h5", labels=labels, cases=dict(sorted(cases.items())),
+                       split_lists=ssl4mis.read_list_files(root))  # UA-MT keeps train.list/test.list at the root
 
 
 def _slice_case(case_id: str, items: list[tuple[int, Path]], problems: list[str]) -> CaseFiles | None:

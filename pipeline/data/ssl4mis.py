@@ -3,6 +3,7 @@
 ::
 
     root/data/slices/<case>_slice_<n>.h5   one 2D slice per file: datasets image (H, W), label (H, W)
+                                           (some forks keep them flat: root/data/<case>_slice_<n>.h5)
     root/data/<case>.h5                    a whole volume: image (S, H, W), label (S, H, W)
     root/train_slices.list                 one slice name per line (<case>_slice_<n>), training slices
     root/train.list, val.list, test.list   one case per line (a trailing .h5 is ignored); any may be absent
@@ -32,15 +33,25 @@ def slice_name_parts(stem: str) -> tuple[str, int] | None:
     return (m["case"], int(m["index"])) if m else None
 
 
+def slices_folder(root: Path) -> Path | None:
+    """Where the slice files are: ``data/slices`` (SSL4MIS), else ``data`` when slice-named files lie flat
+    beside the volumes (some forks), else None."""
+    for folder in (Path(root) / SLICES_DIR, Path(root) / VOLUMES_DIR):
+        if folder.is_dir() and any(slice_name_parts(p.stem) for p in folder.glob("*.h5") if not p.name.startswith(".")):
+            return folder
+    return None
+
+
 def find_slice_files(root: Path) -> dict[str, list[tuple[int, Path]]]:
-    """Case id -> [(slice number, file)] sorted by slice number, from ``root/data/slices/*.h5``.
+    """Case id -> [(slice number, file)] sorted by slice number, from ``root/data/slices/*.h5``, or from
+    ``root/data/*_slice_<n>.h5`` when the slices lie flat beside the volumes (:func:`slices_folder`).
 
     Files whose name is not ``<case>_slice_<n>.h5`` are left out (the caller reports them), as are
     hidden files.
     """
-    folder = Path(root) / SLICES_DIR
+    folder = slices_folder(root)
     out: dict[str, list[tuple[int, Path]]] = {}
-    if not folder.is_dir():
+    if folder is None:
         return out
     for path in sorted(folder.glob("*.h5")):
         parts = slice_name_parts(path.stem)
@@ -60,11 +71,12 @@ def odd_slice_files(root: Path) -> list[Path]:
 
 
 def find_volume_files(root: Path) -> dict[str, Path]:
-    """Case id -> ``root/data/<case>.h5`` (not recursive; hidden files left out)."""
+    """Case id -> ``root/data/<case>.h5`` (not recursive; hidden files and flat slice files left out)."""
     folder = Path(root) / VOLUMES_DIR
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
+    return {p.stem: p for p in sorted(folder.glob("*.h5"))
+            if not p.name.startswith(".") and slice_name_parts(p.stem) is None}
 
 
 def _entry_case(line: str) -> str:
