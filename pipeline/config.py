@@ -51,6 +51,14 @@ class DataConfig(_Strict):
     """Labeled cases: the first N of the split file's ``train_order`` (or of ``train.list``); the rest of the
     training cases are unlabeled. It counts *cases*: for SSL4MIS ACDC a case is one frame (ED or ES), so
     3 patients = 6 cases (= the first 68 slices of ``train_slices.list``)."""
+    num_labeled_patients: int | None = Field(default=None, ge=1)
+    """The label budget in the literature's unit when cases are frames (or phases) of one patient: every
+    case of the first N *patients* of ``train_order`` is labeled (SSL4MIS ACDC: 3 patients = 6 frames = the
+    first 68 lines of ``train_slices.list``). A case's patient is the ``patient`` group of
+    ``patient_pattern``. Instead of ``num_labeled``."""
+    patient_pattern: str = r"^(?P<patient>.+?)_frame\d+$"
+    """Regular expression with a ``patient`` group that names a case's patient (default: ACDC's
+    ``patientNNN_frameFF``); a case it does not match is a patient of its own."""
     labeled: list[str] | None = None
     """Explicit case ids; used instead of a split file when given (with ``unlabeled`` and ``test``)."""
     unlabeled: list[str] | None = None
@@ -89,11 +97,15 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _split_given(self) -> DataConfig:
-        if self.split_file is None and self.labeled is None and self.num_labeled is None:
+        budget = self.num_labeled is not None or self.num_labeled_patients is not None
+        if self.num_labeled is not None and self.num_labeled_patients is not None:
+            raise ValueError("give data.num_labeled (cases) or data.num_labeled_patients, not both")
+        if self.split_file is None and self.labeled is None and not budget:
             raise ValueError("give data.split_file (with data.num_labeled), data.labeled/unlabeled/test, or "
                              "data.num_labeled alone for an SSL4MIS folder's list files")
-        if self.split_file is not None and self.num_labeled is None:
-            raise ValueError("data.split_file needs data.num_labeled (the first k of train_order are labeled)")
+        if self.split_file is not None and not budget:
+            raise ValueError("data.split_file needs data.num_labeled (the first k of train_order are labeled) or "
+                             "data.num_labeled_patients")
         return self
 
 

@@ -251,3 +251,36 @@ def test_uamt_h5_folders_with_list_files_give_the_split(tmp_path):
     info = read_dataset_info(root)
     split = resolve_split(DataConfig(root=root, num_labeled=1), info)
     assert (split.labeled, split.unlabeled, split.test) == (["case_003"], ["case_001", "case_004"], ["case_000"])
+
+
+def test_labeled_patients_reproduce_ssl4mis_acdc_slices_exactly():
+    """Issue 18: SSL4MIS counts labeled patients (``patients_to_slices``: the first N lines of
+    train_slices.list). ``data.num_labeled_patients`` gives the very same labeled slices on ../shared's ACDC."""
+    from tests.conftest import shared_path
+
+    root = shared_path("acdc")
+    ssl4mis_table = {3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664}  # SSL4MIS's ref_dict for ACDC
+    slices = [ln.strip() for ln in (root / "train_slices.list").read_text().splitlines() if ln.strip()]
+    info = read_dataset_info(root)
+    for patients, n_slices in ssl4mis_table.items():
+        split = resolve_split(DataConfig(root=root, num_labeled_patients=patients), info)
+        labeled = set(split.labeled)
+        assert len(split.labeled) == 2 * patients  # ED and ES frames
+        theirs = [s for s in slices if slice_name_parts(s)[0] in labeled]
+        assert theirs == slices[:n_slices], patients  # the same slices, in the same order
+    with pytest.raises(ConfigError, match="num_labeled_patients=140 but train_order has only 70 patients"):
+        resolve_split(DataConfig(root=root, num_labeled_patients=140), info)  # SSL4MIS's "140" is 70 patients
+    with pytest.raises(ValueError, match="not both"):
+        DataConfig(root=root, num_labeled=6, num_labeled_patients=3)
+
+
+def test_labeled_patients_need_consecutive_frames(tmp_path):
+    from pipeline.data.splits import first_patients
+
+    pattern = DataConfig.model_fields["patient_pattern"].default
+    order = ["patient001_frame01", "patient001_frame12", "patient002_frame01", "patient003_frame01"]
+    assert first_patients(order, 1, pattern) == 2 and first_patients(order, 3, pattern) == 4
+    assert first_patients(order, 4, pattern) is None
+    assert first_patients(["a", "b"], 1, pattern) == 1  # a case the pattern does not match is its own patient
+    with pytest.raises(ConfigError, match="patient 'patient001' are not consecutive"):
+        first_patients(["patient001_frame01", "patient002_frame01", "patient001_frame12"], 3, pattern)

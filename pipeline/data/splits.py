@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,29 @@ def _check(parts: dict[str, list[str]], info: DatasetInfo, source: str, problems
                                 f"(its image is {files.image})")
 
 
+def patients_of(cases: list[str], pattern: str) -> list[str]:
+    """The patient of each case (``pattern``'s ``patient`` group; the case itself when it does not match)."""
+    rx = re.compile(pattern)
+    return [m["patient"] if (m := rx.match(c)) else c for c in cases]
+
+
+def first_patients(train_order: list[str], n: int, pattern: str) -> int | None:
+    """How many leading cases of ``train_order`` belong to its first ``n`` patients (None: fewer patients).
+    A patient's cases must be consecutive in ``train_order`` (as in SSL4MIS's lists); ConfigError if not."""
+    patients = patients_of(train_order, pattern)
+    seen: list[str] = []
+    for i, p in enumerate(patients):
+        if seen and p == seen[-1]:
+            continue
+        if p in seen:
+            raise ConfigError(f"data.num_labeled_patients: the cases of patient {p!r} are not consecutive in "
+                              "train_order; order them by patient, or give data.num_labeled")
+        if len(seen) == n:
+            return i
+        seen.append(p)
+    return len(train_order) if len(seen) == n else None
+
+
 def _split_from_list_files(info: DatasetInfo) -> tuple[str, list[str], list[str]]:
     """(source, test, train_order) from the dataset's SSL4MIS list files; ConfigError when it has none."""
     try:
@@ -122,17 +146,27 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         if not labeled:
             problems.append(f"{source}: data.labeled is empty; a run needs at least one labeled case")
     else:
-        if cfg.num_labeled is None:
+        if cfg.num_labeled is None and cfg.num_labeled_patients is None:
             raise ConfigError("give data.split_file with data.num_labeled, or data.labeled/unlabeled/test")
         if cfg.split_file is not None:
             source = f"split file {cfg.split_file}"
             test, train_order = _read_split_file(Path(cfg.split_file))
         else:
             source, test, train_order = _split_from_list_files(info)
-        if cfg.num_labeled > len(train_order):
+        k = cfg.num_labeled
+        if cfg.num_labeled_patients is not None:
+            k = first_patients(train_order, cfg.num_labeled_patients, cfg.patient_pattern)
+            if k is None:
+                problems.append(f"{source}: num_labeled_patients={cfg.num_labeled_patients} but train_order has "
+                                f"only {len(set(patients_of(train_order, cfg.patient_pattern)))} patients")
+                k = len(train_order)
+            else:
+                logger.info("%d labeled patients = the first %d cases of train_order (%s)",
+                            cfg.num_labeled_patients, k, ", ".join(train_order[:k]))
+        elif k > len(train_order):
             problems.append(f"{source}: num_labeled={cfg.num_labeled} but train_order has only "
                             f"{len(train_order)} cases")
-        labeled, unlabeled = train_order[: cfg.num_labeled], train_order[cfg.num_labeled :]
+        labeled, unlabeled = train_order[:k], train_order[k:]
     _check({"labeled": labeled, "unlabeled": unlabeled, "test": test}, info, source, problems)
     if problems:
         raise ConfigError(f"bad split ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
