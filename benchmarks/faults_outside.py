@@ -248,13 +248,12 @@ def disk_full(ref: float) -> dict:
         run = Run("disk_full", output=disk / "runs").start()
         _wait_for(lambda: any((run.dir / "pseudo_labels" / "manifest").glob("part-r001-*")), what="round 1")
         filler = disk / "filler"
-        with open(filler, "wb") as f:
-            try:
+        try:
+            with open(filler, "wb", buffering=0) as f:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        except OSError:  # the disk is full
+            pass
         rc = run.wait()
         first = _result(run, rc, None)
         filler.unlink()

@@ -46,6 +46,7 @@ from pipeline.data.splits import resolve_selection, resolve_split
 from pipeline.data.validate import validate_cases
 from pipeline.errors import ConfigError, HungError, PlacementError, SemisamError, StoreError, WorkerError
 from pipeline.evaluation import audit_pseudo_labels, round_means
+from pipeline.events import EventLog, round_scalars
 from pipeline.generalist.factory import generalist_name
 from pipeline.interrupt import POLL_SECONDS, StopFlag
 from pipeline.placement import describe, plan_pool, request_of
@@ -236,6 +237,7 @@ class Coordinator:
         self.hang_watch = HangWatch(cfg.workers.faults.hung_after_s, cfg.workers.faults.hung_factor)
         try:
             self.state = prepare_run_dir(cfg)
+            self.events = EventLog(cfg.run_dir, "rounds")  # TensorBoard: tensorboard --logdir <run folder>/tb
             self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
                                           class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
             # Without the pseudo-label term there is nothing to relabel: no SAM pool, rounds only train.
@@ -398,6 +400,8 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001 - shutting down, maybe after another error: never raise over it
                 log.warning("stopping the local Ray cluster: %s", e)
             self._started_ray = False
+        if getattr(self, "events", None) is not None:
+            self.events.close()
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
@@ -510,6 +514,7 @@ class Coordinator:
                 summary = self.run_round(r)
                 summaries.append(summary)
                 log.info(summary.line())
+                self.events.scalars(r, round_scalars(asdict(summary), self.info.labels))
                 self.state["completed"].append(r)
                 self.state["summaries"].append(asdict(summary))
                 self._save_state()

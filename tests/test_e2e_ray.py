@@ -178,3 +178,28 @@ def test_without_the_pseudo_label_term_rounds_only_train(ray_cluster, synthetic_
     assert "pseudo" not in summaries[1].train
     assert PseudoLabelStore(cfg.run_dir / "pseudo_labels").parts() == []
     assert (cfg.run_dir / "eval" / "round_001.parquet").is_file()
+
+
+def test_tensorboard_events_hold_the_losses_and_the_round_metrics(ray_cluster, synthetic_root, tmp_path):
+    """Issue 18: losses per step and test metrics, audit and relabel statistics per round, read back from
+    the event files the run wrote (``tensorboard --logdir <run folder>/tb``), with class names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict(small_config_dict(synthetic_root, tmp_path, rounds=2, train={"log_every": 2},
+                                             eval={"audit_pseudo_labels": True}))
+    coordinator = Coordinator(cfg)
+    try:
+        summaries = coordinator.run()
+    finally:
+        coordinator.shutdown()
+    rounds = EventAccumulator(str(Path(cfg.run_dir) / "tb" / "rounds")).Reload()
+    dice = rounds.Scalars("test/dice")
+    assert [e.step for e in dice] == [0, 1]
+    assert [e.value for e in dice] == pytest.approx([s.test["dice"] for s in summaries], abs=1e-6)
+    names = read_dataset_info(cfg.data.root).labels
+    assert {f"test/dice_{names[1]}", "audit/pseudo_dice", f"audit/{names[1]}/pseudo_dice",
+            "relabel/score_mean"} <= set(rounds.Tags()["scalars"])
+    train = EventAccumulator(str(Path(cfg.run_dir) / "tb" / "train")).Reload()
+    loss = train.Scalars("train/loss")
+    assert [e.step for e in loss] == [2, 4, 6, 8, 10, 12]  # 6 iterations a round, every 2nd logged
+    assert "train/pseudo" in train.Tags()["scalars"]         # the SemiSAM term, in round 1

@@ -21,6 +21,7 @@ from pipeline.data.splits import resolve_split
 from pipeline.data.validate import warn_constant_images
 from pipeline.errors import WorkerError
 from pipeline.evaluation import EvalVolume, evaluate_model
+from pipeline.events import EventLog
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.relabel import relabel_case
 from pipeline.run_lock import check_sees_run_folder
@@ -51,6 +52,7 @@ class TrainerWorker:
         for volumes, role in ((self.labeled, "labeled"), (self.unlabeled, "unlabeled"), (self.test, "test")):
             warn_constant_images(volumes, role)
         self.trainer = SpecialistTrainer(cfg, self.info.num_classes, self.device)
+        self.events = None  # TensorBoard's tb/train, opened on the first training round (pipeline.events)
         # Provenance: the weights are checkpoint ``version`` (-1: none, round 0 starts from scratch) with
         # SHA-256 ``sha``, or the result of training round ``trained`` on top of it, not yet published.
         self.version = -1
@@ -126,6 +128,9 @@ class TrainerWorker:
         """Train round ``round_index`` on top of the weights held (the coordinator restores checkpoint
         ``round_index - 1`` first); ``publish(round_index)`` then accepts them."""
         pseudo = self.load_pseudo_labels(pseudo_round, pseudo_cases) if pseudo_round is not None else None
+        if self.events is None:
+            self.events = EventLog(self.cfg.run_dir, "train")
+            self.trainer.on_log = lambda step, values: self.events.scalars(step, values, "train")
         stats = self.trainer.train(self.labeled, self.unlabeled, pseudo, self.cfg.train.iterations)
         if pseudo:
             kept = np.concatenate([p.slice_weight for p in pseudo.values()])
@@ -135,6 +140,8 @@ class TrainerWorker:
                 stats["pseudo_voxels_kept"] = float(np.mean([v.mean() for v in voxels]))
         stats["step"] = self.trainer.step
         self.trained = round_index
+        if self.events.writer is not None:
+            self.events.writer.flush()
         return stats
 
     def evaluate(self, round_index: int) -> pd.DataFrame:

@@ -114,6 +114,7 @@ class SpecialistTrainer:
         self.strategy = make_strategy(t.method, t.consistency, self.total_iterations)
         self.step = 0
         self.first_pseudo_step: int | None = None
+        self.on_log = None  # called as on_log(step, values) every train.log_every iterations (TensorBoard)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -250,6 +251,8 @@ class SpecialistTrainer:
                 counts[k] = counts.get(k, 0) + 1
             if self.step % t.log_every == 0:
                 log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+                if self.on_log is not None:
+                    self.on_log(self.step, logs)
             progress.advance(1, extra=f"loss {logs['loss']:.4f}")
         for name, net in (("student", self.student), ("teacher", self.teacher)):
             bad = next((n for n, p in net.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()), None)
