@@ -55,6 +55,7 @@ FAULTS = [
     ("4 SAM actors asked, 1 placeable, it dies at the end", "tests/test_faults_silent.py::test_statistics_never_wait_on_unplaced_or_dead_actors"),
     ("a pickled run checkpoint with a matching checksum (verify)", "tests/test_faults_silent.py::test_verify_flags_a_pickled_checkpoint_whatever_its_checksum"),
     ("object storage down for 3 s mid relabel round", "tests/test_object_storage.py::test_storage_outage_mid_round_is_retried"),
+    ("a SAM node removed after the last round", "tests/test_cluster.py::test_a_node_lost_after_the_last_round_does_not_keep_the_driver"),
 ]
 
 
