@@ -43,7 +43,7 @@ from pipeline.class_source import describe as describe_sources
 from pipeline.config import RunConfig, dump_config, with_absolute_paths, with_defaults
 from pipeline.data.dataset import read_data
 from pipeline.data.splits import resolve_selection, resolve_split
-from pipeline.data.validate import validate_cases
+from pipeline.data.validate import labels_from_data, validate_cases
 from pipeline.errors import ConfigError, HungError, PlacementError, SemisamError, StoreError, WorkerError
 from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.events import EventLog, round_scalars
@@ -182,13 +182,24 @@ def check_not_in_job_package(cfg: RunConfig) -> None:
             "an absolute output_dir on storage every node sees, e.g. output_dir=/shared/runs or s3://bucket/runs")
 
 
-def preflight(cfg: RunConfig):
-    """Everything that can be checked before any work starts: dataset, split, SAM checkpoint, storage."""
+def preflight(cfg: RunConfig) -> tuple[RunConfig, object, object]:
+    """Everything that can be checked before any work starts: dataset, split, SAM checkpoint, storage.
+    Returns (config, dataset info, split); the config gains ``data.labels`` when the classes had to be
+    taken from the label values (:func:`pipeline.data.validate.labels_from_data`), so that every actor,
+    and a resume, sees the same classes."""
     from pipeline.generalist.sam import check_sam_checkpoint
 
     check_not_in_job_package(cfg)
     info = read_data(cfg.data)
     split = resolve_split(cfg.data, info)
+    derived = labels_from_data(info, split)
+    if derived is not None:
+        log.warning("%s has no dataset.json and data.labels is not set, but its labels hold the values 0..%d: "
+                    "classes taken from the labels of the %d labeled and test cases, named %s; name them with "
+                    "data.labels in the config", info.root, max(derived), len(split.labeled) + len(split.test),
+                    ", ".join(derived.values()))
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": derived})})
+        info = read_data(cfg.data)
     validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels)
     g = cfg.generalist
     if g.backend == "sam" and cfg.train.pseudo_label.active and split.unlabeled:
@@ -210,7 +221,7 @@ def preflight(cfg: RunConfig):
         split = replace(split, selection=cases)
     if not split.unlabeled and cfg.rounds > 1:
         log.warning("no unlabeled cases: rounds after 0 only train further")
-    return info, split
+    return cfg, info, split
 
 
 def _cpu_gpu(resources: dict) -> dict:
@@ -226,7 +237,8 @@ class Coordinator:
         self.cfg = cfg = with_absolute_paths(cfg)
         self.on_event = on_event or (lambda *a, **k: None)
         self.stop = StopFlag()
-        self.info, self.split = preflight(cfg)
+        cfg, self.info, self.split = preflight(cfg)  # the config may gain data.labels (see preflight)
+        self.cfg = cfg
         self.faults = cfg.workers.faults
         self.lock = RunLock(cfg.run_dir, self.faults.lock_stale_s).acquire()
         self._started_ray = False

@@ -284,3 +284,26 @@ def test_labeled_patients_need_consecutive_frames(tmp_path):
     assert first_patients(["a", "b"], 1, pattern) == 1  # a case the pattern does not match is its own patient
     with pytest.raises(ConfigError, match="patient 'patient001' are not consecutive"):
         first_patients(["patient001_frame01", "patient002_frame01", "patient001_frame12"], 3, pattern)
+
+
+def test_classes_come_from_the_labels_without_dataset_json(tmp_path, caplog):
+    """Issue 18: an SSL4MIS folder without dataset.json gave one error per file ("values [2] not in the
+    labels [0, 1] of the h5 default"); the classes now come from the labeled and test cases' labels, with
+    a warning, and reach the config that every actor gets."""
+    from pipeline.coordinator import preflight
+    from pipeline.data.validate import labels_from_data
+    from tests.conftest import small_config
+
+    root = write_synthetic_ssl4mis(tmp_path / "ssl", num_train=4, num_val=1, num_test=1, seed=3, class_names=False)
+    info = read_dataset_info(root)
+    split = resolve_split(DataConfig(root=root, num_labeled=1), info)
+    with pytest.raises(DatasetError, match="not in the labels"):
+        validate_cases(info, split)  # what a run met before
+    assert labels_from_data(info, split) == {0: "background", 1: "class1", 2: "class2"}
+    cfg = small_config(root, tmp_path / "runs", data={"root": str(root), "split_file": None, "num_labeled": 1,
+                                                      "format": "ssl4mis", "slice_axis": 0})
+    with caplog.at_level(logging.WARNING):
+        cfg2, info2, _ = preflight(cfg)
+    assert cfg2.data.labels == {0: "background", 1: "class1", 2: "class2"} and info2.num_classes == 3
+    assert any("classes taken from the labels" in r.message for r in caplog.records)
+    assert labels_from_data(read_dataset_info(write_synthetic_ssl4mis(tmp_path / "named", seed=3)), split) is None

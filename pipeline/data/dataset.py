@@ -587,6 +587,12 @@ def load_image(info: DatasetInfo, case_id: str, normalization: str = "zscore") -
     return x.astype(np.float32), spacing
 
 
+def label_values(info: DatasetInfo, case_id: str) -> set[int]:
+    """The distinct (rounded) values of a case's label, whatever ``info.labels`` says (to derive classes)."""
+    raw, _ = _case_array(info, _case(info, case_id), "label")
+    return {int(v) for v in np.unique(np.rint(raw) if raw.dtype.kind == "f" else raw)}
+
+
 def load_label(info: DatasetInfo, case_id: str) -> np.ndarray:
     """A case's label as uint8 (X, Y, Z) of class values.
 

@@ -7,11 +7,13 @@ image alone.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from pipeline.data.dataset import (
     DatasetInfo,
+    label_values,
     load_image,
     load_label,
     read_dataset_info,
@@ -137,3 +139,27 @@ def warn_constant_images(volumes, role: str) -> list[str]:
                        "prompts and a background pseudo-label; check the file or leave the case out", role,
                        case_id, float(next(v.image.flat[0] for v in volumes if v.case_id == case_id)))
     return blank
+
+
+MAX_DERIVED_CLASS = 63
+"""Label values above this are not taken as classes (an ignore mark such as 255 would make 256 classes)."""
+
+
+def labels_from_data(info: DatasetInfo, split: Split) -> dict[int, str] | None:
+    """Classes taken from the label values of the labeled and test cases, when the dataset names none (an h5
+    or SSL4MIS folder without dataset.json, and no ``data.labels``) and its labels hold more than the
+    default {0, 1}: {0: background, v: "class<v>"} for v = 1..max. None when the dataset's own labels apply.
+    Labels of unlabeled cases are never opened."""
+    meta = info.root / "dataset.json"
+    if info.labels_from_config or info.format == "msd" or (meta.is_file() and "labels" in json.loads(meta.read_text())):
+        return None
+    values: set[int] = set()
+    for case_id in [*split.labeled, *split.test]:
+        try:
+            values |= label_values(info, case_id)
+        except Exception:  # noqa: BLE001 - an unreadable label is reported by validate_cases, with its file
+            continue
+    if not values or values <= set(info.labels) or min(values) < 0 or max(values) > MAX_DERIVED_CLASS:
+        return None  # nothing to derive, or values that look like an ignore mark (255): validate_cases names them
+    top = max(values)
+    return {0: "background", **{v: f"class{v}" for v in range(1, top + 1)}}
