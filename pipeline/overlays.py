@@ -3,15 +3,17 @@ prompts it gave the generalist, what the generalist made of them, and (when know
 
 For each chosen slice, one PNG with the panels, left to right:
 
-- ``image``: the slice (normalised as in training);
+- ``image``: the slice (normalised as in training), shown between its 0.5th and 99.5th percentiles;
 - ``specialist``: its argmax label map, the prediction the prompts were taken from;
 - ``pseudo-label``: the generalist's label map with the prompts drawn on it, per class: positive points
-  (``+``), negative points (``x``) and the box (``XYXY``, inclusive pixels) in the class's colour;
+  (``+``), negative points (``x``) and the box (``XYXY``, inclusive pixels) in the class's colour; a
+  prompted class whose mask came back empty is flagged in the title ("EMPTY mask", gated out of training);
 - ``ground truth``: only when the case has a label file;
 - ``uncertainty``: only when the store holds an ``uncertainty`` array for the case.
 
 Plus one *summary sheet* per round (``sheets/round_NNN.png``): the chosen slices as rows and the same
-panels as columns, under a line of the round's figures, to scan a round at a glance.
+panels as columns, under a line of the round's figures, to scan a round at a glance. Every picture has a
+legend: each class's colour by its name (the dataset's), and the prompt marks.
 
 Slices are picked among the prompted slices of a round (``PICKS``): ``disagreement`` (lowest Dice
 between pseudo-label and specialist: where the generalist changed the most), ``lowest-score`` (lowest
@@ -53,6 +55,8 @@ class Overlay:
     slice: int | None
     panels: tuple[str, ...]
     grid: tuple[int, int]
+    legend: tuple[str, ...] = ()
+    """The legend's entries: each class's colour by name, then the prompt marks."""
 
 
 # ---------------------------------------------------------------------------------------------- choosing
@@ -96,8 +100,40 @@ def _class_colour(class_id: int) -> str:
     return _CLASS_COLOURS[(int(class_id) - 1) % len(_CLASS_COLOURS)]
 
 
+def display_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+    """The grey-level window of a slice: its 0.5th to 99.5th percentiles, so that a few bright outliers (MR
+    flow artefacts, a fat spot) do not leave the anatomy almost black, as a min-max window did."""
+    lo, hi = (float(v) for v in np.percentile(image, percentiles))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def legend_entries(class_ids: list[int], names: dict[int, str]) -> list[tuple[str, dict]]:
+    """(label, style) of the legend: one colour patch per class, by name, then the prompt marks."""
+    entries = [(names.get(c, f"class {c}"), {"kind": "patch", "color": _class_colour(c)}) for c in class_ids]
+    entries += [("positive point", {"kind": "mark", "marker": "+"}), ("negative point", {"kind": "mark", "marker": "x"}),
+                ("box prompt", {"kind": "line", "linestyle": "--"})]
+    return entries
+
+
+def _add_legend(fig, entries: list[tuple[str, dict]]) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = []
+    for label, st in entries:
+        if st["kind"] == "patch":
+            handles.append(Patch(facecolor=st["color"], alpha=0.6, label=label))
+        elif st["kind"] == "mark":
+            handles.append(Line2D([], [], marker=st["marker"], linestyle="", color="black", markersize=7, label=label))
+        else:
+            handles.append(Line2D([], [], linestyle=st["linestyle"], color="black", label=label))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, -0.08))
+
+
 def _draw_labels(ax, image: np.ndarray, labels: np.ndarray | None, max_class: int) -> None:
-    ax.imshow(image, cmap="gray", interpolation="nearest")
+    lo, hi = display_window(image)
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
     if labels is not None and labels.any():
         ax.imshow(np.ma.masked_equal(labels.astype(np.int32) - 1, -1), cmap=_class_cmap(max_class), alpha=0.45,
                   vmin=0, vmax=max(max_class - 1, 1), interpolation="nearest")
@@ -122,15 +158,22 @@ def draw_prompts(ax, prompts: list[dict]) -> None:
                                    linewidth=1.4, linestyle="--"))
 
 
-def _panels(row: pd.Series, arrays: dict, s: int, truth: np.ndarray | None) -> list[tuple[str, str, object]]:
-    """(title, kind, data) per panel of one slice; kinds: image, labels, prompts, heat."""
+def _panels(row: pd.Series, arrays: dict, s: int, truth: np.ndarray | None,
+            class_ids: list[int] | None = None, names: dict[int, str] | None = None) -> list[tuple[str, str, object]]:
+    """(title, kind, data) per panel of one slice; kinds: image, labels, prompts, heat. A prompted class whose
+    mask came back empty is flagged in the pseudo-label's title (training gates that slice out)."""
     score = row["score_mean"]
     agreement = row["agreement_dice"]
+    title = f"pseudo-label + prompts\nscore {score:.2f}, agreement {agreement:.2f}"
+    if class_ids:
+        scores = np.asarray(arrays["scores"][s:s + 1], dtype=np.float32)
+        empty = [c for k, c in enumerate(class_ids) if not np.isnan(scores[0, k]) and not (arrays["pseudo_label"][s] == c).any()]
+        if empty:
+            title += "\nEMPTY mask: " + ", ".join((names or {}).get(c, f"class {c}") for c in empty) + " (gated out)"
     panels: list[tuple[str, str, object]] = [
         ("image", "image", None),
         ("specialist", "labels", arrays["specialist"][s]),
-        (f"pseudo-label + prompts\nscore {score:.2f}, agreement {agreement:.2f}", "prompts",
-         arrays["pseudo_label"][s]),
+        (title, "prompts", arrays["pseudo_label"][s]),
     ]
     if truth is not None:
         panels.append(("ground truth", "labels", truth))
@@ -172,6 +215,7 @@ class _SliceSource:
                             self.cfg.data.root, e)
         else:
             log.warning("overlays: no config.yaml beside %s; drawing masks on a blank image", store_root)
+        self.names: dict[int, str] = dict(self.info.labels) if self.info is not None else {}
         self._arrays: dict[str, dict] = {}
         self._images: dict[str, np.ndarray | None] = {}
         self._truth: dict[str, np.ndarray | None] = {}
@@ -229,9 +273,14 @@ def _chosen(store: PseudoLabelStore, store_root, r: int, pick: str, num: int, se
     rows = []
     for _, row in chosen.iterrows():
         case_id, s = str(row["case_id"]), int(row["slice"])
-        panels = _panels(row, source.arrays(case_id), s, source.truth(case_id, s))
+        panels = _panels(row, source.arrays(case_id), s, source.truth(case_id, s), store.class_ids, source.names)
         rows.append((row, source.image(case_id, s), parse_prompts(row["prompts"]), panels))
     return manifest, rows
+
+
+def _class_names(store_root) -> dict[int, str]:
+    """Class value -> name from the run's dataset (dataset.json or data.labels); {} when not readable."""
+    return _SliceSource(PseudoLabelStore(store_root), store_root, 0).names
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -253,6 +302,8 @@ def draw_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: i
     store = PseudoLabelStore(store_root)
     rounds = _rounds_to_draw(store, store_root, round_index)
     max_class = max(store.class_ids) if store.class_ids else 1
+    entries = legend_entries(store.class_ids, _class_names(store_root))
+    legend = tuple(label for label, _ in entries)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Overlay] = []
@@ -263,7 +314,7 @@ def draw_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: i
         if not rows:
             log.warning("round %d has no prompted slice: nothing to draw", r)
             continue
-        sheets.append(_write_sheet(rows, r, pick, max_class, manifest, out_dir / "sheets"))
+        sheets.append(_write_sheet(rows, r, pick, max_class, manifest, out_dir / "sheets", entries))
     r = rounds[-1]  # ``rows`` are the last round's: drawn one picture per slice
     for row, image, prompts, panels in rows:
         case_id, s = str(row["case_id"]), int(row["slice"])
@@ -272,15 +323,17 @@ def draw_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: i
             _draw_panel(ax, kind, data, image, prompts, max_class)
             ax.set_title(title, fontsize=8)
         fig.suptitle(f"{case_id}  slice {s}  round {r}  (picked by {pick})", fontsize=10, y=1.06)
+        _add_legend(fig, entries)
         path = out_dir / f"round{r:03d}_{case_id}_slice{s:03d}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(Overlay(path, r, case_id, s, tuple(t.split("\n")[0] for t, _, _ in panels),
-                               (1, len(panels))))
+                               (1, len(panels)), legend))
     return written + sheets
 
 
-def _write_sheet(rows: list, r: int, pick: str, max_class: int, manifest: pd.DataFrame, out_dir: Path) -> Overlay:
+def _write_sheet(rows: list, r: int, pick: str, max_class: int, manifest: pd.DataFrame, out_dir: Path,
+                 entries: list[tuple[str, dict]]) -> Overlay:
     """The round's summary sheet: one row per chosen slice, one column per panel kind."""
     import matplotlib.pyplot as plt
 
@@ -311,11 +364,12 @@ def _write_sheet(rows: list, r: int, pick: str, max_class: int, manifest: pd.Dat
     fig.suptitle(f"round {r}: {manifest['case_id'].nunique()} cases, {len(prompted)}/{len(manifest)} slices "
                  f"prompted, mean score {prompted['score_mean'].mean():.2f}, mean agreement "
                  f"{prompted['agreement_dice'].mean():.2f}; rows picked by {pick}", fontsize=10)
+    _add_legend(fig, entries)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"round_{r:03d}.png"
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return Overlay(path, r, None, None, tuple(titles), (len(rows), len(columns)))
+    return Overlay(path, r, None, None, tuple(titles), (len(rows), len(columns)), tuple(label for label, _ in entries))
 
 
 def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: int | None = None,

@@ -206,3 +206,25 @@ def test_eval_plots_with_and_without_audit(tmp_path, capsys):
     one = plt.imread(plot.path)
     assert two.shape[1] > 1.6 * one.shape[1]  # the audit panel doubles the width
     shutil.rmtree(tmp_path / "png_b")
+
+
+def test_pictures_have_a_legend_a_robust_window_and_flag_empty_masks(run, tmp_path):
+    """Issue 18: no legend for the class colours or the point marks; one panel almost black (a min-max window
+    spoiled by outliers); empty masks with a passing score not flagged."""
+    from pipeline.overlays import display_window
+
+    out = draw_overlays(run["store"], tmp_path / "png", num_slices=2)
+    names = run["info"].labels
+    assert all(o.legend == (names[1], names[2], "positive point", "negative point", "box prompt") for o in out)
+    image = np.zeros((20, 20), np.float32)
+    image[5:15, 5:15] = 1.0
+    image[0, 0] = 1000.0  # one outlier: min-max would map the anatomy to 0.1 % grey
+    lo, hi = display_window(image)
+    assert hi < 2.0 and lo == 0.0
+    arrays = PseudoLabelStore(run["store"]).read_case(1, "case_000")
+    row = PseudoLabelStore(run["store"]).manifest().iloc[3]
+    s = next(i for i in range(SHAPE[0]) if (arrays["pseudo_label"][i] == 1).any() and not (arrays["pseudo_label"][i] == 2).any())
+    title = _panels(row, arrays, s, None, [1, 2], names)[2][0]
+    assert f"EMPTY mask: {names[2]} (gated out)" in title  # class 2 was scored (prompted) but is absent
+    full = next(i for i in range(SHAPE[0]) if {1, 2} <= set(np.unique(arrays["pseudo_label"][i])))
+    assert "EMPTY" not in _panels(row, arrays, full, None, [1, 2], names)[2][0]
