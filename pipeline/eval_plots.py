@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.storage import Location, read_table
+
 log = logging.getLogger(__name__)
 
 
@@ -28,15 +30,17 @@ class EvalPlot:
 def audit_frame(run_dir: Path) -> pd.DataFrame:
     """Per audited round: mean pseudo-label and specialist Dice over unlabeled cases and classes
     (columns ``round``, ``pseudo_dice``, ``specialist_dice``); empty when the run has no audit files."""
-    files = sorted((Path(run_dir) / "audit").glob("round_*.parquet"))
+    audit = Location.of(run_dir) / "audit"  # a local path or a URL (s3://...), as every run-folder reader
     rows = []
-    for f in files:
-        df = pd.read_parquet(f)
+    for name in audit.list_names():
+        if not (name.startswith("round_") and name.endswith(".parquet")):
+            continue
+        df = read_table(audit / name)
         if df.empty:
             continue
         rows.append({"round": int(df["round"].iloc[0]), "pseudo_dice": float(df["pseudo_dice"].mean()),
                      "specialist_dice": float(df["specialist_dice"].mean())})
-    return pd.DataFrame(rows, columns=["round", "pseudo_dice", "specialist_dice"])
+    return pd.DataFrame(rows, columns=["round", "pseudo_dice", "specialist_dice"]).sort_values("round", kind="stable")
 
 
 def write_eval_plots(run_dir: Path, out_dir: Path) -> EvalPlot:

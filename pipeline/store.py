@@ -232,7 +232,7 @@ class PseudoLabelStore:
         """The manifest (of one round, or all) as pandas (empty with the right columns when none).
 
         Should a crash have left two parts with rows of the same (round, case), the newer part wins."""
-        frames = [_read_part(p) for p in self.parts(round_index)]
+        frames = [read_part(p) for p in self.parts(round_index)]
         if not frames:
             return _typed(pd.DataFrame(columns=list(MANIFEST_COLUMNS)))
         for i, f in enumerate(frames):
@@ -275,7 +275,7 @@ class PseudoLabelStore:
         between loses their rows, never duplicates them, and a case without rows is redone on resume."""
         removed = 0
         for part in self.parts(round_index):
-            df = _read_part(part)
+            df = read_part(part)
             hit = df["case_id"].isin(case_ids)
             if not hit.any():
                 continue
@@ -307,7 +307,7 @@ def _what_failed(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _read_part(part: Location) -> pd.DataFrame:
+def read_part(part: Location) -> pd.DataFrame:
     path = part.local_copy(".parquet")
     try:
         return fastparquet.ParquetFile(path).to_pandas()

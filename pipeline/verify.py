@@ -134,7 +134,7 @@ def _missing_folder(loc: Location) -> str | None:
 
 
 def _check_store(loc: Location, cfg, completed: list[int], checkpoints: dict, rep: VerifyReport) -> None:
-    from pipeline.store import PseudoLabelStore, _read_part
+    from pipeline.store import PseudoLabelStore, read_part
 
     store_loc = loc / "pseudo_labels"
     if not (store_loc / "masks.zarr" / "zarr.json").exists():
@@ -148,7 +148,7 @@ def _check_store(loc: Location, cfg, completed: list[int], checkpoints: dict, re
     frames = []
     for part in store.parts():
         try:
-            df = _read_part(part)
+            df = read_part(part)
         except SemisamError as e:
             rep.problems.append(str(e))
             continue

@@ -19,7 +19,7 @@ from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.data.synthetic import write_synthetic_msd
 from pipeline.generalist.sam import save_tiny_sam
-from pipeline.store import PseudoLabelStore, _read_part
+from pipeline.store import PseudoLabelStore, read_part
 from pipeline.verify import verify_run
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -170,7 +170,7 @@ def assert_exactly_once(cfg, rounds: list[int]) -> None:
         # one part per (round, case): no case counted twice across parts
         seen: dict[str, int] = {}
         for p in store.parts(r):
-            for c in _read_part(p)["case_id"].unique():
+            for c in read_part(p)["case_id"].unique():
                 seen[c] = seen.get(c, 0) + 1
         assert all(n == 1 for n in seen.values()), seen
         status = store.case_status(r)

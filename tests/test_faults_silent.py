@@ -27,7 +27,7 @@ from pipeline.checkpoint import checkpoint_path, load_checkpoint
 from pipeline.coordinator import run_with_stats
 from pipeline.errors import NonFiniteError, RunLockedError, StoreError
 from pipeline.run_lock import RunLock
-from pipeline.store import PseudoLabelStore, _read_part
+from pipeline.store import PseudoLabelStore, read_part
 from pipeline.verify import verify_run
 from tests.conftest import assert_exactly_once, copy_run, fault_config, run_to_end, unlabeled_cases
 
@@ -196,7 +196,7 @@ def test_pseudo_labels_made_by_a_replaced_checkpoint_are_redone(finished, tmp_pa
     cfg = copy_run(finished, tmp_path, completed=[0, 1])
     store = _store(cfg)
     for part in store.parts(2):
-        df = _read_part(part)
+        df = read_part(part)
         part.remove()
         store._write_part(2, df.assign(checkpoint_sha256="0" * 64))
     report = verify_run(cfg.run_dir)

@@ -78,10 +78,11 @@ def test_dask_readers_take_the_url(s3_run):
     assert sorted(df["case_id"].unique()) == sorted(masks)
 
 
-def test_cli_reads_the_run_from_the_url(s3_run, capsys):
+def test_cli_reads_the_run_from_the_url(s3_run, capsys, tmp_path):
     cfg, summaries = s3_run
     assert cli_main(["inspect", f"{cfg.run_dir}/pseudo_labels"]) == 0
-    assert cli_main(["eval", str(cfg.run_dir)]) == 0
+    assert cli_main(["eval", str(cfg.run_dir), "--png", str(tmp_path / "plots")]) == 0  # issue 17: used Path.glob
+    assert (tmp_path / "plots" / "dice_per_round.png").is_file()
     assert cli_main(["verify", str(cfg.run_dir)]) == 0
     out = capsys.readouterr().out
     assert "dice" in out and f"s3://{BUCKET}/runs/test: OK" in out
