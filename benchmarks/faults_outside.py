@@ -210,6 +210,37 @@ def chunk_bit_flipped(ref: float) -> dict:
     return res
 
 
+def checkpoint_deleted(ref: float) -> dict:
+    """Delete ckpt_0001 (and its .sha256) of a finished run, as a corrupt checkpoint's message advises; rerun.
+    Round 2's pseudo-labels were made by the old checkpoint 1: they used to be reused ("0 to go")."""
+    run = Run("checkpoint_deleted").start()
+    run.wait()
+    for p in (run.dir / "checkpoints").glob("ckpt_0001.pt*"):
+        p.unlink()
+    rc = run.start().wait()
+    res = _result(run, rc, ref)
+    res["rounds_redone_line"] = next((ln.split("pipeline.coordinator: ", 1)[-1] for ln in run.log.splitlines()
+                                      if "are redone" in ln), "")
+    res["passed"] = res["passed"] and bool(res["rounds_redone_line"])
+    return res
+
+
+def case_arrays_deleted(ref: float) -> dict:
+    """Delete one case folder of completed round 1 of a finished run; verify; rerun; verify (two reruns of
+    the old code did not redo it though verify said they would)."""
+    run = Run("case_arrays_deleted").start()
+    run.wait()
+    round_dir = run.dir / "pseudo_labels" / "masks.zarr" / "round_001"
+    case = sorted(p.name for p in round_dir.iterdir() if p.is_dir())[0]
+    shutil.rmtree(round_dir / case)
+    ok_before, report = _verify(run.dir)
+    rc = run.start().wait()
+    res = _result(run, rc, ref, verify_named_the_case=(not ok_before) and case in report)
+    res["case_back"] = (round_dir / case / "pseudo_label").is_dir()
+    res["passed"] = res["passed"] and res["verify_named_the_case"] and res["case_back"]
+    return res
+
+
 def live_pid_stale_lock(ref: float) -> dict:
     """A lock held by a live process on this host (pid reused) whose heartbeat is a day old."""
     sleeper = subprocess.Popen(["sleep", "600"])
@@ -284,7 +315,8 @@ def blank_image(ref: float) -> dict:
 
 
 FAULTS = {f.__name__: f for f in (trainer_killed_evaluating, trainer_stopped, sam_stopped, chunk_bit_flipped,
-                                  live_pid_stale_lock, non_finite, disk_full, blank_image)}
+                                  checkpoint_deleted, case_arrays_deleted, live_pid_stale_lock, non_finite,
+                                  disk_full, blank_image)}
 
 
 def main() -> None:
