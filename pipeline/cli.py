@@ -72,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.png:
         from pipeline.eval_plots import write_eval_plots
 
-        plot = write_eval_plots(Path(args.run), Path(args.png))
+        plot = write_eval_plots(args.run, Path(args.png))  # a path or a URL: never through Path (s3:// -> s3:/)
         _out(f"wrote {plot.path} ({', '.join(plot.panels)})")
     return 0
 

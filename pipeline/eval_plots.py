@@ -27,7 +27,7 @@ class EvalPlot:
     panels: tuple[str, ...]
 
 
-def audit_frame(run_dir: Path) -> pd.DataFrame:
+def audit_frame(run_dir: str | Path) -> pd.DataFrame:
     """Per audited round: mean pseudo-label and specialist Dice over unlabeled cases and classes
     (columns ``round``, ``pseudo_dice``, ``specialist_dice``); empty when the run has no audit files."""
     audit = Location.of(run_dir) / "audit"  # a local path or a URL (s3://...), as every run-folder reader
@@ -43,7 +43,7 @@ def audit_frame(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["round", "pseudo_dice", "specialist_dice"]).sort_values("round", kind="stable")
 
 
-def write_eval_plots(run_dir: Path, out_dir: Path) -> EvalPlot:
+def write_eval_plots(run_dir: str | Path, out_dir: Path) -> EvalPlot:
     """Write ``out_dir/dice_per_round.png`` (see the module docstring); returns it and its panel titles."""
     import matplotlib
 

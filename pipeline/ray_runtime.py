@@ -28,9 +28,7 @@ def init_ray(cfg: WorkersConfig) -> bool:
     if ray.is_initialized():
         return False
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        # Ray wraps its "(Actor pid=...)" log prefixes in colour codes unless told not to; in a log file,
-        # a CI page or `ray job logs` they are noise. A user's own setting wins.
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        _no_colour_codes()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address == "auto":
         address = _own_current_cluster()
@@ -45,6 +43,21 @@ def init_ray(cfg: WorkersConfig) -> bool:
                      include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
                      log_to_driver=True)
     return True
+
+
+def _no_colour_codes() -> None:
+    """Ray colours its "(Actor pid=...)" log prefixes and its "[repeated Nx across cluster]" notes; in a log
+    file, a CI page or `ray job logs` the codes are noise. The prefixes obey RAY_COLOR_PREFIX (a user's own
+    setting wins); the notes have no switch, so Ray's (private, 2.60) colouring helper is replaced by the
+    identity when it exists."""
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    try:
+        from ray._private import ray_logging
+
+        if callable(getattr(ray_logging, "_color", None)):
+            ray_logging._color = lambda msg: msg
+    except ImportError:  # another Ray layout: its notes keep their colour
+        pass
 
 
 def _own_current_cluster() -> str:
