@@ -307,3 +307,10 @@ def test_classes_come_from_the_labels_without_dataset_json(tmp_path, caplog):
     assert cfg2.data.labels == {0: "background", 1: "class1", 2: "class2"} and info2.num_classes == 3
     assert any("classes taken from the labels" in r.message for r in caplog.records)
     assert labels_from_data(read_dataset_info(write_synthetic_ssl4mis(tmp_path / "named", seed=3)), split) is None
+
+
+def test_a_bad_split_says_how_the_dataset_was_read(msd_root):
+    """Issue 18: "bad split (140 problems): case ... is not in the dataset" never said what layout was read."""
+    info = read_dataset_info(msd_root)
+    with pytest.raises(ConfigError, match=r"was read as the MSD/nnU-Net layout: imagesTr/ with 3 NIfTI images"):
+        resolve_split(DataConfig(root=msd_root, labeled=["patient099_frame01"], test=[]), info)

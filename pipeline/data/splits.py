@@ -169,8 +169,9 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         labeled, unlabeled = train_order[:k], train_order[k:]
     _check({"labeled": labeled, "unlabeled": unlabeled, "test": test}, info, source, problems)
     if problems:
+        read_as = f"\n  (the dataset {info.root} was read as the {info.layout})" if info.layout else ""
         raise ConfigError(f"bad split ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
-                          + "\n  ".join(problems))
+                          + "\n  ".join(problems) + read_as)
     if cfg.max_unlabeled is not None:
         unlabeled = unlabeled[: cfg.max_unlabeled]
     if cfg.max_test is not None:
