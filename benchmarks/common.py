@@ -30,3 +30,17 @@ def setup_logging(verbose: bool, log: logging.Logger) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     log.setLevel(logging.INFO)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the filesystem holding ``folder`` with a file of zeros until it is full (a full-disk fault);
+    returns the file, whose removal frees the space again. Unbuffered, so the last partial write fails here
+    and not later when the file is closed."""
+    filler = Path(folder) / "filler"
+    try:
+        with open(filler, "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 65536)
+    except OSError:  # the disk is full
+        pass
+    return filler

@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import fill_disk, machine_info, setup_logging
 
 log = logging.getLogger("benchmarks.faults_outside")
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,13 +278,7 @@ def disk_full(ref: float) -> dict:
     try:
         run = Run("disk_full", output=disk / "runs").start()
         _wait_for(lambda: any((run.dir / "pseudo_labels" / "manifest").glob("part-r001-*")), what="round 1")
-        filler = disk / "filler"
-        try:
-            with open(filler, "wb", buffering=0) as f:
-                while True:
-                    f.write(b"\0" * 65536)
-        except OSError:  # the disk is full
-            pass
+        filler = fill_disk(disk)
         rc = run.wait()
         first = _result(run, rc, None)
         filler.unlink()

@@ -250,6 +250,11 @@ class TrainConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     foreground_crop_probability: float = Field(default=0.5, ge=0.0, le=1.0)
     """Chance that a training crop is centred on foreground of a labeled case (small organs need it)."""
+    schedule_rounds: int | None = Field(default=None, ge=1)
+    """Rounds that the run-long schedules span (UA-MT's threshold ramp, the published term's ramp-down):
+    ``schedule_rounds x iterations``. None: ``rounds``, fixed when the run folder is created; a run resumed
+    with more rounds keeps it, so its first rounds stay those of the run it extends (the later ones train
+    past the schedule's end)."""
     log_every: int = Field(default=50, ge=1)
     """Every N iterations: one log line of the loss terms, and the gradient shares of the unlabeled terms
     (``consistency_grad_share``, ``pseudo_grad_share``), which cost two extra backward passes on those
@@ -631,6 +636,26 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             value = absolute_paths({"v": value}, Path.cwd(), ("v",))["v"]
         _set_dotted(tree, key, value)
     return config_from_dict(tree, source=str(path))
+
+
+def config_differences(old: dict, new: dict, compared: tuple[str, ...] = (), ignored: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config trees (JSON dicts), limited to the keys under one
+    of ``compared`` (all when empty) and not under one of ``ignored``. The one comparison of resume and
+    warm start (``Coordinator``)."""
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    def walk(a: dict, b: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}{k}"
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                out += walk(a[k], b[k], key + ".")
+            elif a.get(k) != b.get(k):
+                out.append(key)
+        return out
+
+    return [k for k in walk(old, new) if (not compared or under(k, compared)) and not under(k, ignored)]
 
 
 def with_defaults(tree: dict, model: type[BaseModel] = RunConfig) -> dict:

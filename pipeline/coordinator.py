@@ -40,7 +40,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 from pipeline.checkpoint import checkpoint_path
 from pipeline.class_source import configured_sources, decide, needs_selection
 from pipeline.class_source import describe as describe_sources
-from pipeline.config import RunConfig, dump_config, with_absolute_paths, with_defaults
+from pipeline.config import RunConfig, config_differences, dump_config, with_absolute_paths, with_defaults
 from pipeline.data.dataset import read_data
 from pipeline.data.splits import resolve_selection, resolve_split
 from pipeline.data.validate import labels_from_data, validate_cases
@@ -71,8 +71,9 @@ from workers.trainer import TrainerWorker
 
 log = logging.getLogger(__name__)
 
-# Keys a resumed run may change: they decide where and how long it runs, not what it computes.
-RESUMABLE_CHANGES = {"rounds", "workers", "device"}
+# Keys a resumed run may change: where it runs (workers, device) and how many rounds (the schedule those
+# rounds follow is train.schedule_rounds, kept from the run's start, so more rounds change no earlier one).
+RESUMABLE_CHANGES = ("rounds", "workers", "device")
 # How often the coordinator appends finished cases to the manifest during a relabel round. Each append
 # is one new part file; a crash loses at most the cases of the last interval, which a resume redoes.
 MANIFEST_FLUSH_SECONDS = 10.0
@@ -129,17 +130,6 @@ class RoundSummary:
         return " | ".join(parts)
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        key = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff_keys(a[k], b[k], key + ".")
-        elif a.get(k) != b.get(k):
-            out.append(key)
-    return out
-
-
 def read_state(run_dir: Location) -> dict:
     """state.json of a run folder (an empty state when there is none); a damaged file is named."""
     loc = run_dir / "state.json"
@@ -154,14 +144,19 @@ def read_state(run_dir: Location) -> dict:
     return state
 
 
-def prepare_run_dir(cfg: RunConfig) -> dict:
-    """Create or reopen the run folder; returns the saved state (see ``read_state``)."""
+def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, dict]:
+    """Create or reopen the run folder; returns the config to run with (``train.schedule_rounds`` fixed: the
+    saved run's, else ``rounds``) and the saved state (see ``read_state``)."""
     run_dir = cfg.run_dir
     saved_cfg = run_dir / "config.yaml"
+    schedule = cfg.train.schedule_rounds or cfg.rounds
     if saved_cfg.exists():
         old = with_defaults(yaml.safe_load(saved_cfg.read_text()))  # keys added since: their defaults
-        new = cfg.model_dump(mode="json")
-        changed = [k for k in _diff_keys(old, new) if k.split(".")[0] not in RESUMABLE_CHANGES]
+        old["train"]["schedule_rounds"] = old["train"].get("schedule_rounds") or old["rounds"]
+        schedule = cfg.train.schedule_rounds or old["train"]["schedule_rounds"]
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"schedule_rounds": schedule})})
+    if saved_cfg.exists():
+        changed = config_differences(old, cfg.model_dump(mode="json"), ignored=RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(
                 f"run folder {run_dir} holds a run with another config (differs in: {', '.join(changed)}); "
@@ -169,7 +164,7 @@ def prepare_run_dir(cfg: RunConfig) -> dict:
             )
     run_dir.mkdir()
     saved_cfg.write_text(dump_config(cfg))
-    return read_state(run_dir)
+    return cfg, read_state(run_dir)
 
 
 def check_not_in_job_package(cfg: RunConfig) -> None:
@@ -248,7 +243,7 @@ class Coordinator:
         self.pool: SamPool | None = None
         self.hang_watch = HangWatch(cfg.workers.faults.hung_after_s, cfg.workers.faults.hung_factor)
         try:
-            self.state = prepare_run_dir(cfg)
+            self.cfg, self.state = prepare_run_dir(self.cfg)
             self.events = EventLog(cfg.run_dir, "rounds")  # TensorBoard: tensorboard --logdir <run folder>/tb
             self.store = PseudoLabelStore(cfg.run_dir / "pseudo_labels", create=True,
                                           class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
@@ -479,10 +474,11 @@ class Coordinator:
             raise ConfigError(f"{where}: {src_run} is not a run folder (no config.yaml)")
         theirs = with_defaults(yaml.safe_load((src_run / "config.yaml").read_text()))
         mine = self.cfg.model_dump(mode="json")
-        free = {"pseudo_label", "init_from", "progress_seconds", "log_every"}
-        diffs = [k for k in ("data", "model", "seed") if theirs.get(k) != mine.get(k)]
-        diffs += [f"train.{k}" for k in set(mine["train"]) | set(theirs.get("train", {}))
-                  if k not in free and mine["train"].get(k) != theirs.get("train", {}).get(k)]
+        theirs["train"]["schedule_rounds"] = theirs["train"].get("schedule_rounds") or theirs["rounds"]
+        free = ["train.pseudo_label", "train.init_from", "train.progress_seconds", "train.log_every"]
+        if mine["train"]["method"] != "uamt":  # only UA-MT's round 0 follows the run-long schedule
+            free.append("train.schedule_rounds")
+        diffs = config_differences(theirs, mine, compared=("data", "model", "seed", "train"), ignored=tuple(free))
         if diffs:
             raise ConfigError(f"{where}: its round 0 was trained with other settings (differs in: "
                               f"{', '.join(sorted(diffs))}); a warm start needs the same data, split, model, seed "

@@ -7,6 +7,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pydantic import BaseModel
 
@@ -391,3 +392,30 @@ def test_non_finite_numbers_are_refused_by_key(override, tmp_path):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         load_config(Path(__file__).resolve().parents[1] / "conf" / "demo.yaml", [override])
+
+
+def test_more_rounds_on_resume_keep_the_schedule_the_run_started_with(synthetic_root, tmp_path):
+    """Issue 17: `rounds` set the run-long schedules (UA-MT's threshold ramp, the published term's
+    ramp-down), so a run resumed with more rounds trained its next round on another schedule than the one
+    its first rounds followed. The schedule is now fixed when the run folder is created."""
+    import yaml
+
+    from pipeline.coordinator import prepare_run_dir
+    from pipeline.training.loop import SpecialistTrainer
+    from tests.conftest import small_config
+
+    cfg, _ = prepare_run_dir(small_config(synthetic_root, tmp_path, rounds=3))
+    assert cfg.train.schedule_rounds == 3
+    assert yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["train"]["schedule_rounds"] == 3
+    more, _ = prepare_run_dir(small_config(synthetic_root, tmp_path, rounds=5))  # resumed with 2 more rounds
+    assert (more.rounds, more.train.schedule_rounds) == (5, 3)
+    assert SpecialistTrainer(more, 3, torch.device("cpu")).total_iterations == 3 * more.train.iterations
+    with pytest.raises(ConfigError, match=r"differs in: train\.schedule_rounds"):
+        prepare_run_dir(small_config(synthetic_root, tmp_path, rounds=5, train={"schedule_rounds": 5}))
+    # a folder written before the key existed (3 rounds) ran with its own rounds as the schedule
+    saved = cfg.run_dir / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["train"]["schedule_rounds"]
+    old["rounds"] = 3
+    saved.write_text(yaml.safe_dump(old))
+    assert prepare_run_dir(small_config(synthetic_root, tmp_path, rounds=4))[0].train.schedule_rounds == 3

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks.common import fill_disk
 from pipeline.checkpoint import checkpoint_path, load_checkpoint
 from pipeline.coordinator import run_with_stats
 from pipeline.errors import NonFiniteError, RunLockedError, StoreError
@@ -257,24 +258,13 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def _fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    try:
-        with open(filler, "wb", buffering=0) as f:
-            while True:
-                f.write(b"\0" * 65536)
-    except OSError:  # the disk is full
-        pass
-    return filler
-
-
 def test_full_disk_during_a_relabel_round_is_one_line_and_resumable(ray_cluster, data12, small_disk):
     cfg = fault_config(data12, small_disk / "runs")
     filled: list[Path] = []
 
     def fill_up(event, c, **kw):
         if event == "task_done" and kw["round"] == 1 and not filled:
-            filled.append(_fill(small_disk))
+            filled.append(fill_disk(small_disk))
 
     with pytest.raises(StoreError) as e:
         run_to_end(cfg, fill_up)

@@ -109,8 +109,9 @@ class SpecialistTrainer:
             self.optimizer = torch.optim.Adam(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(self.student.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-        # the run's length in iterations: UA-MT's threshold ramp and the decreasing pseudo-label ramp span it
-        self.total_iterations = cfg.rounds * t.iterations
+        # the schedule's length in iterations (train.schedule_rounds, fixed when the run folder was created):
+        # UA-MT's threshold ramp and the decreasing pseudo-label ramp span it
+        self.total_iterations = (t.schedule_rounds or cfg.rounds) * t.iterations
         self.strategy = make_strategy(t.method, t.consistency, self.total_iterations)
         self.step = 0
         self.first_pseudo_step: int | None = None
