@@ -11,18 +11,25 @@ Run folder (``output_dir/name``, a local path or an fsspec URL, see pipeline.sto
 
     config.yaml          the resolved config, absolute paths (a resumed run must match it, except
                          rounds/workers/device)
-    state.json           completed rounds, their one-line summaries, each checkpoint's SHA-256
+    state.json           completed rounds, their one-line summaries, each checkpoint's SHA-256 (and the
+                         training statistics of a published checkpoint)
     driver.lock          the driver that owns the folder (pipeline.run_lock)
     checkpoints/         ckpt_NNNN.pt (+ .sha256), one per round
     pseudo_labels/       the store (masks.zarr + manifest/), see pipeline.store
     embeddings.zarr/     the embedding cache
-    eval/round_NNN.parquet, audit/round_NNN.parquet
+    eval/round_NNN.parquet, audit/round_NNN.parquet, selection/round_NNN.parquet
+    tb/                  TensorBoard events (pipeline.events)
 
-What survives what (the README has the table): a SAM actor that dies has its cases re-queued to any
-live actor (``faults.case_attempts`` tries per case); a trainer that dies is restarted by Ray, reloads
-the last published checkpoint and redoes the round; a lost node is the same path; a killed driver
-resumes after the last completed round, and inside a relabel round only cases that are not both in the
-manifest and in the arrays are redone.
+Provenance: eval tables, pseudo-label cases and manifest rows record the SHA-256 of the checkpoint they
+came from; a resume checks that chain (``_check_chain``) and redoes what no longer matches its source.
+
+What survives what (the README has the table): a SAM actor that dies, or hangs (``HangWatch``), has its
+cases re-queued to any live actor (``faults.case_attempts`` tries per case); a trainer that dies or
+hangs is restarted by Ray and restores the newest published checkpoint: a round's training and its
+publication are redone together, an evaluation is redone on the round's own checkpoint; a lost node is
+the same path; a killed driver resumes after the last completed round (a checkpoint it had already
+published is evaluated, not retrained), and inside a relabel round only cases that are not both in the
+manifest and in the arrays, readable and made by the current checkpoint, are redone.
 """
 
 from __future__ import annotations
