@@ -45,6 +45,10 @@ class EventLog:
                 continue
             self.writer.add_scalar(f"{prefix}/{name}" if prefix else name, float(value), step)
 
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -56,10 +60,11 @@ def round_scalars(summary: dict, class_names: dict[int, str]) -> dict[str, float
     ``test/dice_<class name>``, ``audit/pseudo_dice``, ``audit/<class name>/pseudo_dice``, ``relabel/...``,
     ``train/loss``."""
     out: dict[str, float] = {}
+    from pipeline.reports import class_label
+
     for key, value in summary.get("test", {}).items():
         if key.startswith("dice_class"):
-            cid = int(key.removeprefix("dice_class"))
-            key = f"dice_{class_names.get(cid, f'class{cid}')}"
+            key = f"dice_{class_label(key, class_names)}"
         out[f"test/{key}"] = value
     audit = summary.get("audit", {})
     for key, value in audit.items():

@@ -180,33 +180,43 @@ class PseudoLabelStore:
         g.attrs.update({**attrs, "case_id": case_id, "round": round_index,
                         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
+    def _read_arrays(self, round_index: int, case_id: str) -> tuple[dict, dict]:
+        """(arrays, attrs) of one case (``case_id`` already checked), every chunk read; KeyError when it is
+        absent, another exception
+        (a CRC-32C mismatch, a damaged zstd frame, a truncated file) when it is damaged."""
+        g = self.group[f"{round_key(round_index)}/{case_id}"]
+        out = {name: np.asarray(g[name][...]) for name in ARRAYS}
+        out["uncertainty"] = (np.asarray(g["uncertainty"][...], dtype=np.float32)
+                              if "uncertainty" in g.array_keys() else None)
+        return out, dict(g.attrs)
+
     def read_case(self, round_index: int, case_id: str) -> dict:
         """{"pseudo_label", "specialist": uint8 (S, H, W), "scores": float32 (S, K), "attrs": dict,
         "uncertainty": float32 (S, H, W) or None (no prompt ensemble)}."""
-        key = f"{round_key(round_index)}/{check_case_id(case_id)}"
+        check_case_id(case_id)  # a bad id is a ConfigError, never a path
         try:
-            g = self.group[key]
-            out = {name: np.asarray(g[name][...]) for name in ARRAYS}
-            out["uncertainty"] = (np.asarray(g["uncertainty"][...], dtype=np.float32)
-                                  if "uncertainty" in g.array_keys() else None)
+            out, attrs = self._read_arrays(round_index, case_id)
         except KeyError:
             raise StoreError(f"store {self.loc} has no masks for case {case_id} in round {round_index} "
                              f"(missing or deleted; `semisam run` on the run folder redoes it)") from None
-        except Exception as e:  # noqa: BLE001 - a checksum mismatch, a damaged zstd frame, a truncated file
+        except Exception as e:  # noqa: BLE001 - see _read_arrays
             raise StoreError(f"store {self.loc}: case {case_id} of round {round_index} is damaged: "
-                             f"{_what_failed(e)} in {self.masks_loc / key}. `semisam run` on the run folder "
-                             "relabels it (or delete that folder)") from None
-        return {**out, "attrs": dict(g.attrs)}
+                             f"{_what_failed(e)} in {self.masks_loc / round_key(round_index) / case_id}. "
+                             "`semisam run` on the run folder relabels it (or delete that folder)") from None
+        return {**out, "attrs": attrs}
 
     def damaged_cases(self, round_index: int, case_ids: list[str]) -> dict[str, str]:
         """{case_id: what is wrong} for the cases whose arrays cannot be read whole: every chunk is read,
         so a flipped bit is found by its CRC-32C (stores written before checksums: by zstd, if at all)."""
         bad = {}
         for case_id in case_ids:
+            check_case_id(case_id)
             try:
-                self.read_case(round_index, case_id)
-            except StoreError as e:
-                bad[case_id] = str(e).split(": ", 2)[-1].split(". `semisam run`")[0]
+                self._read_arrays(round_index, case_id)
+            except KeyError:
+                bad[case_id] = "arrays missing"
+            except Exception as e:  # noqa: BLE001 - see _read_arrays
+                bad[case_id] = _what_failed(e)
         return bad
 
     def rounds(self) -> list[int]:

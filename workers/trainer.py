@@ -140,8 +140,7 @@ class TrainerWorker:
                 stats["pseudo_voxels_kept"] = float(np.mean([v.mean() for v in voxels]))
         stats["step"] = self.trainer.step
         self.trained = round_index
-        if self.events.writer is not None:
-            self.events.writer.flush()
+        self.events.flush()
         return stats
 
     def evaluate(self, round_index: int) -> pd.DataFrame:

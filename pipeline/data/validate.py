@@ -133,12 +133,12 @@ def warn_constant_images(volumes, role: str) -> list[str]:
     learns background from them. ``volumes``: objects with ``case_id`` and ``image``. Returns the ids."""
     import numpy as np
 
-    blank = [v.case_id for v in volumes if np.ptp(v.image) == 0]
-    for case_id in blank:
+    blank = [v for v in volumes if np.ptp(v.image) == 0]
+    for v in blank:
         logger.warning("%s case %s: the image is constant (every voxel %s): no anatomy to segment; it gets no "
                        "prompts and a background pseudo-label; check the file or leave the case out", role,
-                       case_id, float(next(v.image.flat[0] for v in volumes if v.case_id == case_id)))
-    return blank
+                       v.case_id, float(v.image.flat[0]))
+    return [v.case_id for v in blank]
 
 
 MAX_DERIVED_CLASS = 63
