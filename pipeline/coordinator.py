@@ -50,7 +50,7 @@ from pipeline.class_source import describe as describe_sources
 from pipeline.config import RunConfig, config_differences, dump_config, with_absolute_paths, with_defaults
 from pipeline.data.dataset import read_data
 from pipeline.data.splits import resolve_selection, resolve_split
-from pipeline.data.validate import labels_from_data, validate_cases
+from pipeline.data.validate import labels_from_data, validate_cases, warn_derived_labels
 from pipeline.errors import ConfigError, HungError, PlacementError, SemisamError, StoreError, WorkerError
 from pipeline.evaluation import audit_pseudo_labels, round_means
 from pipeline.events import EventLog, round_scalars
@@ -196,10 +196,7 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, object, object]:
     split = resolve_split(cfg.data, info)
     derived = labels_from_data(info, split)
     if derived is not None:
-        log.warning("%s has no dataset.json and data.labels is not set, but its labels hold the values 0..%d: "
-                    "classes taken from the labels of the %d labeled and test cases, named %s; name them with "
-                    "data.labels in the config", info.root, max(derived), len(split.labeled) + len(split.test),
-                    ", ".join(derived.values()))
+        warn_derived_labels(info, derived, len(split.labeled) + len(split.test))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": derived})})
         info = read_data(cfg.data)
     validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels)

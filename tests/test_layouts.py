@@ -111,10 +111,15 @@ def test_validate_without_format_on_an_h5_folder(tmp_path, capsys):
     assert "2 cases (2 labeled), labels {0: 'background', 1: 'foreground'}: OK" in out
 
 
-def test_h5_class_names_come_from_dataset_json(tmp_path):
+def test_h5_class_names_come_from_dataset_json(tmp_path, caplog):
     root = _h5_folder(tmp_path / "h5", n=1, values=(0, 1, 2, 3))
-    with pytest.raises(DatasetError, match=r"values \[2, 3\] .*h5 default.*give one with"):
-        validate_dataset(root)
+    with caplog.at_level(logging.WARNING):
+        info = validate_dataset(root)  # no dataset.json: the classes come from the labels, with a warning
+    assert info.labels == {0: "background", 1: "class1", 2: "class2", 3: "class3"}
+    assert "has no dataset.json" in caplog.text and "values 0..3" in caplog.text
+    ignore = _h5_folder(tmp_path / "ignore", n=1, values=(0, 1, 255))  # an ignore mark is not a class: an error
+    with pytest.raises(DatasetError, match=r"values \[255\] .*h5 default.*give one with"):
+        validate_dataset(ignore)
     (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "RV": 1, "Myo": 2, "LV": 3}}))
     info = validate_dataset(root)
     assert info.labels == {0: "background", 1: "RV", 2: "Myo", 3: "LV"}

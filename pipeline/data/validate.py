@@ -106,12 +106,19 @@ def validate_dataset(root: Path, format: str = "auto") -> DatasetInfo:
     """Read a dataset and check every case: all images, and every label file that exists.
 
     For ``semisam validate``; cases without a label are reported as unlabeled, not as problems. ``format``
-    ``auto`` detects the layout (``DatasetInfo.layout`` says what was found).
+    ``auto`` detects the layout (``DatasetInfo.layout`` says what was found). A set that names no classes
+    (no dataset.json) but whose labels hold more than {0, 1} gets its classes from the label values, with a
+    warning (:func:`labels_from_data`), as ``semisam run`` does.
     """
     info = read_dataset_info(Path(root), format)
     with_label = [c for c, f in info.cases.items() if f.label is not None]
     without = [c for c, f in info.cases.items() if f.label is None]
-    problems = _problems(info, Split(labeled=with_label, unlabeled=without, test=[]), False)
+    split = Split(labeled=with_label, unlabeled=without, test=[])
+    derived = labels_from_data(info, split)
+    if derived is not None:
+        warn_derived_labels(info, derived, len(with_label))
+        info = read_dataset_info(Path(root), format, derived)
+    problems = _problems(info, split, False)
     if problems:
         raise DatasetError(problems)
     logger.info("dataset %s is valid: %d cases (%d labeled, %d unlabeled), classes %s", info.root,
@@ -143,6 +150,14 @@ def warn_constant_images(volumes, role: str) -> list[str]:
 
 MAX_DERIVED_CLASS = 63
 """Label values above this are not taken as classes (an ignore mark such as 255 would make 256 classes)."""
+
+
+def warn_derived_labels(info: DatasetInfo, derived: dict[int, str], n_cases: int) -> None:
+    """The warning given when the classes were taken from the label values (:func:`labels_from_data`)."""
+    logger.warning("%s has no dataset.json and data.labels is not set, but its labels hold the values 0..%d: "
+                   "classes taken from the labels of %d cases, named %s; name them with data.labels in the "
+                   "config or a dataset.json ({\"labels\": {\"0\": \"background\", \"1\": ...}})", info.root,
+                   max(derived), n_cases, ", ".join(derived.values()))
 
 
 def labels_from_data(info: DatasetInfo, split: Split) -> dict[int, str] | None:
