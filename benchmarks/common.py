@@ -10,6 +10,15 @@ from pathlib import Path
 import ray
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+"""The project's root (benchmarks run from anywhere)."""
+SHARED = ROOT.parent / "shared" / "data"
+"""The real data sets (``../shared/data``), never copied into the project."""
+RESULTS = ROOT / "benchmarks" / "results"
+"""Committed results: one JSON (or a folder of them) per benchmark."""
+FIGURES = ROOT / "docs" / "figures"
+DOCS = ROOT / "docs" / "benchmarks.md"
+
 
 def machine_info() -> dict:
     """Platform, Python, CPU count and model, memory (GiB), torch and Ray versions, whether CUDA is seen."""
@@ -44,3 +53,21 @@ def fill_disk(folder: Path) -> Path:
     except OSError:  # the disk is full
         pass
     return filler
+
+
+def preset_overrides(preset: Path) -> list[str]:
+    """The ``key.sub=value`` overrides that a config preset (a YAML file with ``base:``) lays on its base,
+    ``base`` and ``name`` left out: how a benchmark row builds the preset's variant of the base config."""
+    import yaml
+
+    out: list[str] = []
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}={value}")
+
+    walk({k: v for k, v in yaml.safe_load(Path(preset).read_text()).items() if k not in ("base", "name")}, "")
+    return out

@@ -36,11 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import ROOT, machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 
 log = logging.getLogger("benchmarks.embedding_cache")
-ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "embedding_cache.json"
 QUALITY_V1 = ROOT / "benchmarks" / "results" / "quality_v1"
 PERF = ROOT / "benchmarks" / "results" / "perf.json"
@@ -74,7 +73,7 @@ def run_config(name: str, method: str, seed: int, k: int, data: Path, out: Path,
 
 def run_one(cfg) -> dict:
     """One run to the end: its SAM actors' counters and its relabel rounds' summaries."""
-    from pipeline.coordinator import run_with_stats
+    from semisam.launch import run_with_stats
 
     start = time.perf_counter()
     summaries, stats = run_with_stats(cfg)

@@ -31,10 +31,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import fill_disk, machine_info, setup_logging
+from benchmarks.common import ROOT, fill_disk, machine_info, setup_logging
 
 log = logging.getLogger("benchmarks.faults_outside")
-ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "faults_outside"
 RESULT = ROOT / "benchmarks" / "results" / "faults_outside.json"
 SEMISAM = Path(sys.executable).parent / "semisam"

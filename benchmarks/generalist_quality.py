@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import benchmarks.quality as q  # the hippocampus matrix: its row overrides are reused
-from benchmarks.common import setup_logging
+from benchmarks.common import RESULTS, ROOT, SHARED, setup_logging
 from benchmarks.quality import (
     _PL,
     _STRONG,
@@ -43,9 +43,6 @@ from pipeline.config import load_config
 
 log = logging.getLogger("benchmarks.generalist_quality")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
 CELLS = RESULTS / "quality_lite"
 
 _LITE = ["generalist.backend=sam", "generalist.sam.variant=lite_medsam", "generalist.sam.precision=bf16",

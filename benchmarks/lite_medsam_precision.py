@@ -16,20 +16,18 @@ import argparse
 import datetime as dt
 import json
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks.common import ROOT, machine_info
 from pipeline.atomic import atomic_write_text
 from pipeline.config import SamConfig
 from pipeline.generalist.base import SlicePrompt
 from pipeline.generalist.sam import SamGeneralist, load_sam
 from pipeline.metrics import dice
 
-ROOT = Path(__file__).resolve().parents[1]
 ACDC = ROOT.parent / "shared" / "data" / "acdc"
 OUT = ROOT / "benchmarks" / "results" / "lite_medsam_precision.json"
 

@@ -38,17 +38,16 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import ray
 import torch
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import RESULTS, ROOT, machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import checkpoint_path, save_checkpoint
 from pipeline.config import RunConfig, load_config
-from pipeline.coordinator import Coordinator
+from pipeline.coordinator import Actors, Coordinator
 from pipeline.data.dataset import DatasetInfo, load_image, load_label, read_data, read_image_shape
 from pipeline.data.splits import Split, resolve_split
 from pipeline.devices import set_threads
@@ -62,16 +61,15 @@ from pipeline.ray_runtime import init_ray, remote_actor
 from pipeline.relabel import relabel_case
 from pipeline.store import PseudoLabelStore
 from pipeline.training.loop import SpecialistTrainer, TrainVolume
+from semisam.launch import ACTORS
 from workers.common import process_info, return_free_heap
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
 
 log = logging.getLogger("benchmarks.perf")
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "conf" / "hippocampus.yaml"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
-RESULTS = ROOT / "benchmarks" / "results"
 CPU = torch.device("cpu")
 
 # The released SemiSAM schedule (figure 2): per training iteration the unlabeled batch goes through SAM's
@@ -301,12 +299,8 @@ class Bench:
         if specialist:
             model_args, state = self.specialist()
             save_checkpoint(checkpoint_path(cfg.run_dir, 0), 0, state, model_args, cfg)
-        if metered:
-            with mock.patch("pipeline.coordinator.SamWorker", MeteredSamWorker), \
-                 mock.patch("pipeline.coordinator.TrainerWorker", MeteredTrainerWorker):
-                coord = Coordinator(cfg)
-        else:
-            coord = Coordinator(cfg)
+        actors = Actors(trainer=MeteredTrainerWorker, sam=MeteredSamWorker) if metered else ACTORS
+        coord = Coordinator(cfg, actors)
         try:
             ray.get([coord.trainer.process_info.remote(), *[m.handle.stats.remote() for m in coord.pool.alive()]])
             if specialist:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import yaml
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import RESULTS, machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import checkpoint_path, load_checkpoint
 from pipeline.class_source import selection_table
@@ -35,7 +35,6 @@ from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
 
 log = logging.getLogger("benchmarks.prompt_modes")
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 _MERGED = {"box_min_component_fraction": 0.25}  # pieces of >= 25% of the largest join the box (the default)
 _LARGEST = {"box_min_component_fraction": 1.0}  # the box of the largest piece only

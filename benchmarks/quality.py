@@ -35,19 +35,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import DOCS, FIGURES, RESULTS, ROOT, machine_info, preset_overrides, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.config import RunConfig, load_config
-from pipeline.evaluation import METRIC_COLUMNS, round_means
+from pipeline.evaluation import CERTAIN_COLUMNS, METRIC_COLUMNS, round_means
+from pipeline.evaluation import audit_means as table_audit_means
+from pipeline.run_folder import RunFolder
+from pipeline.storage import read_table
 
 log = logging.getLogger("benchmarks.quality")
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "conf" / "hippocampus.yaml"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
-RESULTS = ROOT / "benchmarks" / "results"
-FIGURES = ROOT / "docs" / "figures"
-DOCS = ROOT / "docs" / "benchmarks.md"
 TABLE_START, TABLE_END = "<!-- quality-table: written by python -m benchmarks.quality -->", "<!-- /quality-table -->"
 FULL_K = 200
 
@@ -58,7 +57,7 @@ BUDGET = ["rounds=3", "train.iterations=200", "train.consistency.rampup_iteratio
           "train.pseudo_label.rampup_iterations=100", "train.log_every=200", "eval.every_round=false"]
 _NO_PL = "train.pseudo_label.enabled=false"
 _PL = ["train.method=mean_teacher", "train.pseudo_label.enabled=true", "eval.audit_pseudo_labels=true"]
-_STRONG = ["train.pseudo_label.loss=ce_dice", "train.pseudo_label.schedule=up", "train.pseudo_label.weight=0.5"]
+_STRONG = preset_overrides(CONFIG.parent / "hippocampus_strong_term.yaml")  # the preset, as overrides
 ROWS: dict[str, list[str]] = {
     "supervised": ["train.method=supervised", _NO_PL],
     "mean_teacher": ["train.method=mean_teacher", _NO_PL],
@@ -129,27 +128,26 @@ def final_metrics(eval_df: pd.DataFrame) -> dict[str, float]:
 def audit_means(run_dir: Path) -> list[dict]:
     """Mean audit Dice per relabel round (and per class) of a run: pseudo-labels vs specialist."""
     rows = []
-    for path in sorted((Path(run_dir) / "audit").glob("round_*.parquet")):
-        a = pd.read_parquet(path)
-        row = {"round": int(a["round"].iloc[0]), "pseudo_dice": float(a["pseudo_dice"].mean()),
-               "specialist_dice": float(a["specialist_dice"].mean())}
-        for cid, g in a.groupby("class_id"):
-            row[f"pseudo_dice_class{cid}"] = float(g["pseudo_dice"].mean())
-            row[f"specialist_dice_class{cid}"] = float(g["specialist_dice"].mean())
-        for col in ("pseudo_dice_certain", "specialist_dice_certain", "certain_fraction"):  # ensemble rows only
-            if col in a and a[col].notna().any():
-                row[col] = float(np.nanmean(a[col]))
+    for loc in RunFolder(run_dir).tables("audit"):
+        a = read_table(loc)
+        means = table_audit_means(a)
+        row = {"round": int(a["round"].iloc[0]), "pseudo_dice": means["pseudo_dice"],
+               "specialist_dice": means["specialist_dice"]}
+        for cid, per in means["by_class"].items():
+            row[f"pseudo_dice_class{cid}"] = per["pseudo_dice"]
+            row[f"specialist_dice_class{cid}"] = per["specialist_dice"]
+        row.update({k: means[k] for k in CERTAIN_COLUMNS if k in means})  # ensemble rows only
         rows.append(row)
     return rows
 
 
 def run_cell(cfg: RunConfig, k: int, row: str, seed: int, command: str, overrides: list[str]) -> dict:
-    from pipeline.coordinator import run
+    from semisam.launch import run
 
     start = time.perf_counter()
     summaries = run(cfg)
     last = cfg.rounds - 1
-    eval_df = pd.read_parquet(cfg.run_dir / "eval" / f"round_{last:03d}.parquet")
+    eval_df = read_table(RunFolder(cfg.run_dir).table("eval", last))
     return {
         "cell": cfg.name, "k": k, "row": row, "seed": seed,
         "final": final_metrics(eval_df),
@@ -448,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in sorted(cells_dir.glob("*.json")):
             cell = json.loads(path.read_text())
             run_dir = args.workdir / cell["cell"]
-            if (run_dir / "audit").is_dir():
+            if RunFolder(run_dir).tables("audit"):
                 cell["audit"] = audit_means(run_dir)
                 atomic_write_text(path, json.dumps(cell, indent=1))
     docs = DOCS if args.results == RESULTS else None  # other experiments (--set) do not touch the docs

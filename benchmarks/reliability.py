@@ -20,12 +20,10 @@ import logging
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import ROOT, machine_info, setup_logging
 
 log = logging.getLogger("benchmarks.reliability")
-ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "reliability.json"
 
 FAULTS = [

@@ -19,13 +19,15 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError
+from pipeline.run_folder import RunFolder
 from pipeline.storage import Location, sha256_hex
 
 CHECKPOINT_FORMAT = 1
 
 
 def checkpoint_path(run_dir: str | os.PathLike | Location, version: int) -> Location:
-    return Location.of(run_dir) / "checkpoints" / f"ckpt_{version:04d}.pt"
+    """Where checkpoint ``version`` of a run folder lives (:meth:`RunFolder.checkpoint`)."""
+    return RunFolder(run_dir).checkpoint(version)
 
 
 def checksum_path(ckpt: Location) -> Location:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.data.case_ids import check_case_id
 from pipeline.errors import ConfigError
 from pipeline.storage import Location, is_url
 
@@ -367,6 +368,9 @@ class ClassicalConfig(_Strict):
     shifted or under-segments, a hard box boundary cut the organ (Dice 0.63 vs 0.95 with the ring only)."""
     background_ring: int = Field(default=3, ge=0)
     """Extra background seeds: a ring this many pixels outside the box (0 turns it off)."""
+    window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
+    """Intensity window of a slice mapped to [0, 1] before the walk (per slice, robust to MR outliers); the
+    classical backend's own (``generalist.sam.window_percentiles`` is SAM's)."""
 
 
 class GeneralistConfig(_Strict):
@@ -475,6 +479,12 @@ class WorkersConfig(_Strict):
     trainer: ActorResources = Field(default_factory=ActorResources)
     sam: SamPoolConfig = Field(default_factory=SamPoolConfig)
     faults: FaultConfig = Field(default_factory=lambda: FaultConfig())
+    overlap: bool = False
+    """Overlapped rounds (``pipeline.overlap``): the trainer trains round r on the pseudo-labels of checkpoint
+    r-2 while the SAM pool relabels with checkpoint r-1, so neither waits for the other; the masks are one
+    round stale (recorded in the manifest, ``trained_in_round``), round 1 trains without pseudo-labels and the
+    last round relabels nothing. Off: each round relabels, then trains on the fresh masks. Changes what is
+    computed, so a run cannot be resumed with it switched."""
 
     @field_validator("sam")
     @classmethod
@@ -523,8 +533,6 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        from pipeline.data.case_ids import check_case_id  # noqa: I001
-
         check_case_id(v, what="run name")
         return v
 
@@ -614,22 +622,49 @@ def with_absolute_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
     return config_from_dict(tree, source="<resolved>")
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config, apply ``key.sub=value`` overrides, validate.
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``: mappings merge key by key, any other value replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
-    Relative paths written in the file resolve against the file's folder; relative paths in overrides
-    against the current directory (as typed by the user). The result holds absolute paths (or URLs).
-    """
-    path = Path(path)
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a tree with absolute paths; a file with ``base: OTHER.yaml`` (a path relative to the
+    file) is that file's tree with this one's keys laid on it (:func:`_merged`), so a preset says only how
+    it differs from its base. Bases may have bases; a loop is refused."""
+    path = path.resolve()
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {chain[-1]})" if chain else ""))
+    if path in chain:
+        raise ConfigError(f"config file {path} is its own base ({' -> '.join(map(str, (*chain, path)))})")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    absolute_paths(tree, path.resolve().parent)
+    base = tree.pop("base", None)
+    absolute_paths(tree, path.parent)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be the path of another config file, got {base!r}")
+    return _merged(_read_tree(path.parent / base, (*chain, path)), tree)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (and its ``base``, see :func:`_read_tree`), apply ``key.sub=value`` overrides,
+    validate.
+
+    Relative paths written in a file resolve against that file's folder; relative paths in overrides
+    against the current directory (as typed by the user). The result holds absolute paths (or URLs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    tree = _read_tree(path)
     for text in overrides:
         key, value = parse_override(text)
         if key in PATH_KEYS and value is not None:

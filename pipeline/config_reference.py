@@ -23,7 +23,9 @@ HEADER = """# Configuration reference
 Generated from `pipeline/config.py` by `semisam config` (do not edit by hand: `semisam config > docs/config.md`;
 a test fails when this file is stale). Keys are set in a YAML file (`semisam run conf/demo.yaml`) or as
 overrides (`semisam run conf/demo.yaml train.iterations=50 workers.sam.num_workers=4`). Relative paths in a
-file resolve against the file's folder, in an override against the current folder.
+file resolve against the file's folder, in an override against the current folder. A file may start
+from another with `base: other.yaml` (a path relative to the file) and hold only the keys it changes
+(mappings merge key by key; `conf/hippocampus_strong_term.yaml` is one).
 """
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.storage import Location, read_table
+from pipeline.evaluation import audit_means
+from pipeline.run_folder import RunFolder
+from pipeline.storage import read_table
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,14 @@ class EvalPlot:
 def audit_frame(run_dir: str | Path) -> pd.DataFrame:
     """Per audited round: mean pseudo-label and specialist Dice over unlabeled cases and classes
     (columns ``round``, ``pseudo_dice``, ``specialist_dice``); empty when the run has no audit files."""
-    audit = Location.of(run_dir) / "audit"  # a local path or a URL (s3://...), as every run-folder reader
     rows = []
-    for name in audit.list_names():
-        if not (name.startswith("round_") and name.endswith(".parquet")):
-            continue
-        df = read_table(audit / name)
+    for loc in RunFolder(run_dir).tables("audit"):  # a local path or a URL (s3://...), as every run-folder reader
+        df = read_table(loc)
         if df.empty:
             continue
-        rows.append({"round": int(df["round"].iloc[0]), "pseudo_dice": float(df["pseudo_dice"].mean()),
-                     "specialist_dice": float(df["specialist_dice"].mean())})
+        means = audit_means(df)
+        rows.append({"round": int(df["round"].iloc[0]), "pseudo_dice": means["pseudo_dice"],
+                     "specialist_dice": means["specialist_dice"]})
     return pd.DataFrame(rows, columns=["round", "pseudo_dice", "specialist_dice"]).sort_values("round", kind="stable")
 
 

@@ -176,3 +176,23 @@ def audit_pseudo_labels(store: PseudoLabelStore, info: DatasetInfo, round_index:
                     row["certain_fraction"] = float(certain[pseudo_c].mean())
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+CERTAIN_COLUMNS = ("pseudo_dice_certain", "specialist_dice_certain", "certain_fraction")
+
+
+def audit_means(audit: pd.DataFrame) -> dict:
+    """The means of one round's :func:`audit_pseudo_labels` table, the one place they are taken.
+
+    Keys: ``pseudo_dice`` and ``specialist_dice`` (over cases and classes); ``by_class`` {class id (str):
+    {pseudo_dice, specialist_dice}}; with a prompt ensemble also the means of :data:`CERTAIN_COLUMNS`
+    (NaN skipped). Empty for an empty table."""
+    if audit.empty:
+        return {}
+    out = {"pseudo_dice": float(audit["pseudo_dice"].mean()), "specialist_dice": float(audit["specialist_dice"].mean())}
+    out["by_class"] = {str(c): {k: float(g[k].mean()) for k in ("pseudo_dice", "specialist_dice")}
+                       for c, g in audit.groupby("class_id")}
+    for col in CERTAIN_COLUMNS:  # a prompt ensemble: Dice where all members agree
+        if col in audit and audit[col].notna().any():
+            out[col] = float(audit[col].mean())
+    return out

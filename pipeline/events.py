@@ -17,11 +17,11 @@ import logging
 import math
 import os
 
+from pipeline.run_folder import RunFolder
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
-EVENTS_DIR = "tb"
 
 
 class EventLog:
@@ -34,7 +34,7 @@ class EventLog:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=os.path.join(run_dir.path, EVENTS_DIR, name), flush_secs=10)
+        self.writer = SummaryWriter(log_dir=os.path.join(RunFolder(run_dir).events.path, name), flush_secs=10)
 
     def scalars(self, step: int, values: dict, prefix: str = "") -> None:
         """``values`` {name: number} at ``step``, each as ``<prefix>/<name>``; non-numbers and NaN are skipped."""

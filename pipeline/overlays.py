@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfigError, StoreError
+from pipeline.run_folder import RunFolder
 from pipeline.store import PseudoLabelStore
 
 log = logging.getLogger(__name__)
@@ -200,10 +201,8 @@ class _SliceSource:
     """Images and labels of a run's cases as the store's slices (S, H, W), each case read once."""
 
     def __init__(self, store: PseudoLabelStore, store_root, round_index: int):
-        from pipeline.reports import _run_config
-
         self.store, self.round = store, round_index
-        self.cfg = _run_config(store_root)
+        self.cfg = RunFolder.of_store(store_root).config_if_any()
         self.info = None
         if self.cfg is not None:
             from pipeline.data.dataset import read_data

@@ -154,35 +154,16 @@ def prompts_for_slice(
             if n_comp:
                 log.debug("class %d: largest component %d px < %d, no prompt", c, n_comp, cfg.min_component_pixels)
             continue
-
-        # Positives: the most interior pixel, then distinct random pixels of the component.
-        centre = interior_point(comp)
-        assert centre is not None  # comp is non-empty
-        others = np.argwhere(comp)
-        others = others[(others[:, 0] != centre[0]) | (others[:, 1] != centre[1])]
-        pos_rc = np.concatenate([np.array([centre]), _pick(others, cfg.num_random_positive, rng)])
-
+        pos_rc = _positive_points(comp, cfg.num_random_positive, rng)
         # Box around every sizeable piece of the class, grown by the margin.
         r0, c0, r1, c1 = _box_rc(_class_extent(cls, comp, cfg.min_component_pixels, cfg.box_min_component_fraction), cfg.box_margin)
         box = np.array([c0, r0, c1, r1], dtype=np.float32) if cfg.use_box else None
-
-        # Negatives: not class c, inside the margined box; else in a ring around the box.
-        neg_rc = np.zeros((0, 2), dtype=np.int64)
-        if cfg.num_negative > 0:
-            inside = _box_region((h, w), r0, c0, r1, c1)
-            cand = np.argwhere(inside & ~cls)
-            if len(cand) == 0:
-                g = max(cfg.box_margin, 2)
-                outer = _box_region((h, w), max(r0 - g, 0), max(c0 - g, 0), min(r1 + g, h - 1), min(c1 + g, w - 1))
-                cand = np.argwhere(outer & ~inside & ~cls)
-            neg_rc = _pick(cand, cfg.num_negative, rng)
-
+        neg_rc = _negative_points(cls, (r0, c0, r1, c1), cfg, rng)
         mask_logits = None
         if cfg.use_mask_prompt and class_logits is not None:
             if not 0 <= c < class_logits.shape[0]:
                 raise ValueError(f"class id {c} has no channel in class_logits of shape {class_logits.shape}")
             mask_logits = (class_logits[c].astype(np.float32) - class_logits[0].astype(np.float32))
-
         points_xy = np.concatenate([_rc_to_xy(pos_rc), _rc_to_xy(neg_rc)]).astype(np.float32)
         labels = np.concatenate([np.ones(len(pos_rc), np.int32), np.zeros(len(neg_rc), np.int32)])
         if not cfg.use_points:  # box only (LiteMedSAM was trained on boxes); the rng advanced the same way
@@ -190,6 +171,33 @@ def prompts_for_slice(
         prompts.append(SlicePrompt(class_id=c, points_xy=points_xy, point_labels=labels,
                                    box_xyxy=box, mask_logits=mask_logits))
     return prompts
+
+
+def _positive_points(comp: np.ndarray, num_random: int, rng: np.random.Generator) -> np.ndarray:
+    """int (1 + num_random, 2) (row, col): the most interior pixel of the component ``comp`` (bool (H, W),
+    non-empty), then ``num_random`` distinct random pixels of it."""
+    centre = interior_point(comp)
+    assert centre is not None  # comp is non-empty
+    others = np.argwhere(comp)
+    others = others[(others[:, 0] != centre[0]) | (others[:, 1] != centre[1])]
+    return np.concatenate([np.array([centre]), _pick(others, num_random, rng)])
+
+
+def _negative_points(cls: np.ndarray, box_rc: tuple[int, int, int, int], cfg: PromptConfig,
+                     rng: np.random.Generator) -> np.ndarray:
+    """int (N, 2) (row, col): ``cfg.num_negative`` pixels that are not the class (``cls`` bool (H, W)),
+    inside the margined box ``box_rc`` (r0, c0, r1, c1); else in a ring around the box."""
+    if cfg.num_negative <= 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    h, w = cls.shape
+    r0, c0, r1, c1 = box_rc
+    inside = _box_region((h, w), r0, c0, r1, c1)
+    cand = np.argwhere(inside & ~cls)
+    if len(cand) == 0:
+        g = max(cfg.box_margin, 2)
+        outer = _box_region((h, w), max(r0 - g, 0), max(c0 - g, 0), min(r1 + g, h - 1), min(c1 + g, w - 1))
+        cand = np.argwhere(outer & ~inside & ~cls)
+    return _pick(cand, cfg.num_negative, rng)
 
 
 def summarize_prompts(prompts: list[SlicePrompt]) -> str:

@@ -90,6 +90,125 @@ def _fg_dice(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if total == 0 else float(2 * (a & b).sum() / total)
 
 
+@dataclass
+class SliceWork:
+    """One slice on its way through relabeling (one small record per slice, passed from step to step).
+
+    ``members``: the N prompt sets (member 0 the single set; all empty when the slice is not prompted);
+    ``pseudo`` uint8 (H, W), the specialist's map until decoded masks replace it; ``uncertainty`` float32
+    (H, W) with a prompt ensemble; ``scores`` float32 (K,), the mean generalist score of each class over the
+    members that prompted it (NaN: not prompted); ``maps`` uint8 (N, H, W), each member's label map."""
+
+    index: int
+    members: list[list[SlicePrompt]]
+    pseudo: np.ndarray
+    scores: np.ndarray
+    uncertainty: np.ndarray | None = None
+    maps: np.ndarray | None = None
+
+    @property
+    def prompted(self) -> bool:
+        return any(self.members)
+
+
+@dataclass
+class SpecialistView:
+    """The specialist's prediction of a case, slice-first: ``logits`` float32 (C, S, H, W), ``labels`` uint8
+    (S, H, W) (argmax), ``probs`` float32 (C, S, H, W) (softmax; only for a prompt ensemble) and the
+    image's ``slices`` float32 (S, H, W)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray | None
+    slices: np.ndarray
+
+
+def specialist_view(model: UNet, image: np.ndarray, cfg: RunConfig, device: torch.device) -> SpecialistView:
+    """Step 1: predict the case (image float32 (X, Y, Z)) with the specialist, slice-first."""
+    axis = cfg.data.slice_axis
+    logits = predict_volume(model, image, axis, tuple(cfg.model.patch_size), device)  # (C, X, Y, Z)
+    logits = np.moveaxis(logits, axis + 1, 1)                                          # (C, S, H, W)
+    probs = None
+    if cfg.prompts.ensemble > 1:
+        e = np.exp(logits - logits.max(0, keepdims=True))
+        probs = e / e.sum(0, keepdims=True)
+    return SpecialistView(logits, logits.argmax(0).astype(np.uint8), probs,
+                          np.ascontiguousarray(np.moveaxis(image, axis, 0)))
+
+
+def plan_slices(view: SpecialistView, image: np.ndarray, cfg: RunConfig, case_id: str, round_index: int,
+                class_ids: list[int], prompted_ids: list[int]) -> list[SliceWork]:
+    """Step 2: the prompt sets of every slice, from the prediction only (no label is an input). Constant
+    slices (no anatomy) get none, whatever the specialist predicts there."""
+    rng = case_rng(cfg.seed, round_index, case_id)
+    perturb_rng = case_rng(cfg.seed, round_index, case_id, stream=1)
+    blank = constant_slices(image, cfg.data.slice_axis)
+    n = cfg.prompts.ensemble
+    out = []
+    for s in range(len(view.slices)):
+        members = ([[] for _ in range(n)] if not prompted_ids or blank[s] else ensemble_prompts(
+            view.labels[s], None if view.probs is None else view.probs[:, s], prompted_ids, cfg.prompts, rng,
+            perturb_rng, view.logits[:, s] if cfg.prompts.use_mask_prompt else None))
+        out.append(SliceWork(s, members, compose(view.labels[s], np.zeros_like(view.labels[s]), prompted_ids),
+                             np.full(len(class_ids), np.nan, np.float32),
+                             np.zeros(view.labels[s].shape, np.float32) if n > 1 else None))
+    return out
+
+
+def embed_prompted(work: list[SliceWork], slices: np.ndarray, case_id: str, generalist: Generalist,
+                   cache: EmbeddingCache | None) -> tuple[dict[int, np.ndarray], set[int]]:
+    """Step 3: the embeddings of the prompted slices {slice: embedding}, from the cache where it has them
+    (computed and stored otherwise), and the set of slices read from the cache."""
+    wanted = [w.index for w in work if w.prompted]
+    if cache is not None:
+        return cache.get(case_id, slices, wanted, generalist.embed)
+    return (dict(zip(wanted, generalist.embed(slices[wanted]), strict=True)) if wanted else {}), set()
+
+
+def decode_slice(w: SliceWork, embedding: np.ndarray, specialist: np.ndarray, generalist: Generalist,
+                 class_ids: list[int], prompted_ids: list[int], overlap: str) -> None:
+    """Step 4: decode every member's prompts in one call on the slice's embedding; fills ``w.maps`` (each
+    member's masks merged into the specialist's map ``specialist`` (H, W)), ``w.scores``, and ``w.pseudo``
+    / ``w.uncertainty`` (member 0's map, or the members' :func:`consensus`)."""
+    res = generalist.decode(embedding, specialist.shape, [p for m in w.members for p in m])
+    maps, sums, counts, start = [], np.zeros(len(class_ids)), np.zeros(len(class_ids)), 0
+    for m in w.members:
+        stop = start + len(m)
+        merged = merge_class_masks(res.masks[start:stop], res.logits[start:stop], [p.class_id for p in m], overlap)
+        maps.append(compose(specialist, merged, prompted_ids))
+        for p, score in zip(m, res.scores[start:stop], strict=True):
+            sums[class_ids.index(p.class_id)] += score
+            counts[class_ids.index(p.class_id)] += 1
+        start = stop
+    w.maps = np.stack(maps)
+    if len(w.members) > 1:
+        w.pseudo, w.uncertainty = consensus(w.maps, class_ids)
+    else:
+        w.pseudo = maps[0]
+    for k in range(len(class_ids)):
+        if counts[k]:
+            w.scores[k] = sums[k] / counts[k]
+
+
+def manifest_row(w: SliceWork, specialist: np.ndarray, class_ids: list[int], cached: bool, meta: dict) -> dict:
+    """Step 5: the slice's manifest row (see :mod:`pipeline.store`); ``meta``: the columns common to the
+    case (round, case, checkpoint, generalist, class sources)."""
+    score_by_class = {str(c): round(float(w.scores[k]), 4) for k, c in enumerate(class_ids) if not np.isnan(w.scores[k])}
+    return {
+        **meta,
+        "slice": w.index,
+        "num_prompts": len(w.members[0]),
+        "prompts": summarize_prompts(w.members[0]),
+        "score_mean": float(np.mean(list(score_by_class.values()))) if score_by_class else float("nan"),
+        "scores": json.dumps(score_by_class),
+        "pseudo_fg_fraction": float((w.pseudo > 0).mean()),
+        "specialist_fg_fraction": float((specialist > 0).mean()),
+        "agreement_dice": _fg_dice(w.pseudo, specialist),
+        "embedding_cached": cached,
+        **ensemble_columns(w.members, w.uncertainty, w.maps),
+    }
+
+
 def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Generalist,
                  cache: EmbeddingCache | None, cfg: RunConfig, class_ids: list[int], round_index: int,
                  checkpoint_version: int, device: torch.device,
@@ -101,79 +220,20 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
     specialist's map with those classes replaced by the generalist's masks (:func:`compose`).
     ``checkpoint_version``/``checkpoint_sha256``: the specialist's checkpoint, recorded in every row."""
     prompted_ids = generalist_classes(sources, class_ids)
-    axis = cfg.data.slice_axis
-    n_members = cfg.prompts.ensemble
-    logits = predict_volume(model, image, axis, tuple(cfg.model.patch_size), device)  # (C, X, Y, Z)
-    logits = np.moveaxis(logits, axis + 1, 1)                                          # (C, S, H, W)
-    specialist = logits.argmax(0).astype(np.uint8)                                     # (S, H, W)
-    probs = None
-    if n_members > 1:
-        e = np.exp(logits - logits.max(0, keepdims=True))
-        probs = e / e.sum(0, keepdims=True)                                            # (C, S, H, W)
-    slices = np.ascontiguousarray(np.moveaxis(image, axis, 0))
-    rng = case_rng(cfg.seed, round_index, case_id)
-    perturb_rng = case_rng(cfg.seed, round_index, case_id, stream=1)
-    use_logits = cfg.prompts.use_mask_prompt
-    blank = constant_slices(image, axis)  # no anatomy: whatever the specialist predicts there, no prompt
-    members = [ensemble_prompts(specialist[s], None if probs is None else probs[:, s], prompted_ids, cfg.prompts,
-                                rng, perturb_rng, logits[:, s] if use_logits else None)
-               if prompted_ids and not blank[s] else [[] for _ in range(n_members)]
-               for s in range(len(slices))]                                             # [S][N][prompts]
-    wanted = [s for s, ms in enumerate(members) if any(ms)]
-    if cache is not None:
-        embeddings, cached = cache.get(case_id, slices, wanted, generalist.embed)
-    else:
-        embeddings = dict(zip(wanted, generalist.embed(slices[wanted]), strict=True)) if wanted else {}
-        cached = set()
-    pseudo = compose(specialist, np.zeros_like(specialist), prompted_ids)  # unprompted slices: the specialist's
-    uncertainty = np.zeros(specialist.shape, np.float32) if n_members > 1 else None
-    scores = np.full((len(slices), len(class_ids)), np.nan, np.float32)
-    rows = []
-    source_json = as_json(sources if sources is not None else {c: "generalist" for c in class_ids})
-    for s, slice_members in enumerate(members):
-        score_by_class: dict[str, float] = {}
-        member_maps = None  # uint8 (N, H, W) once decoded
-        if any(slice_members):
-            flat = [p for m in slice_members for p in m]
-            res = generalist.decode(embeddings[s], slices[s].shape, flat)  # every member in one call
-            maps, sums, counts, start = [], np.zeros(len(class_ids)), np.zeros(len(class_ids)), 0
-            for m in slice_members:
-                stop = start + len(m)
-                maps.append(compose(specialist[s], merge_class_masks(
-                    res.masks[start:stop], res.logits[start:stop], [p.class_id for p in m], cfg.generalist.overlap),
-                    prompted_ids))
-                for p, score in zip(m, res.scores[start:stop], strict=True):
-                    sums[class_ids.index(p.class_id)] += score
-                    counts[class_ids.index(p.class_id)] += 1
-                start = stop
-            member_maps = np.stack(maps)
-            if n_members > 1:
-                pseudo[s], uncertainty[s] = consensus(member_maps, class_ids)
-            else:
-                pseudo[s] = maps[0]
-            for k, c in enumerate(class_ids):
-                if counts[k]:
-                    scores[s, k] = sums[k] / counts[k]
-                    score_by_class[str(c)] = round(float(scores[s, k]), 4)
-        rows.append({
-            "round": round_index,
-            "case_id": case_id,
-            "slice": s,
-            "checkpoint_version": checkpoint_version,
-            "checkpoint_sha256": checkpoint_sha256,
-            "generalist": generalist.name,
-            "num_prompts": len(slice_members[0]),
-            "prompts": summarize_prompts(slice_members[0]),
-            "score_mean": float(np.mean(list(score_by_class.values()))) if score_by_class else float("nan"),
-            "scores": json.dumps(score_by_class),
-            "pseudo_fg_fraction": float((pseudo[s] > 0).mean()),
-            "specialist_fg_fraction": float((specialist[s] > 0).mean()),
-            "agreement_dice": _fg_dice(pseudo[s], specialist[s]),
-            "embedding_cached": s in cached,
-            "class_source": source_json,
-            **ensemble_columns(slice_members, None if uncertainty is None else uncertainty[s], member_maps),
-        })
-    return CaseRelabel(pseudo, specialist, scores, rows, uncertainty)
+    view = specialist_view(model, image, cfg, device)
+    work = plan_slices(view, image, cfg, case_id, round_index, class_ids, prompted_ids)
+    embeddings, cached = embed_prompted(work, view.slices, case_id, generalist, cache)
+    for w in work:
+        if w.prompted:
+            decode_slice(w, embeddings[w.index], view.labels[w.index], generalist, class_ids, prompted_ids,
+                         cfg.generalist.overlap)
+    meta = {"round": round_index, "case_id": case_id, "checkpoint_version": checkpoint_version,
+            "checkpoint_sha256": checkpoint_sha256, "generalist": generalist.name,
+            "class_source": as_json(sources if sources is not None else {c: "generalist" for c in class_ids})}
+    rows = [manifest_row(w, view.labels[w.index], class_ids, w.index in cached, meta) for w in work]
+    uncertainty = np.stack([w.uncertainty for w in work]) if cfg.prompts.ensemble > 1 else None
+    return CaseRelabel(np.stack([w.pseudo for w in work]), view.labels, np.stack([w.scores for w in work]),
+                       rows, uncertainty)
 
 
 def ensemble_columns(members: list[list[SlicePrompt]], uncertainty: np.ndarray | None,

@@ -9,24 +9,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import StoreError
-from pipeline.storage import Location, read_table
+from pipeline.round_summary import relabel_stats
+from pipeline.run_folder import RunFolder
+from pipeline.storage import read_table
 from pipeline.store import PseudoLabelStore, open_manifest
 
 log = logging.getLogger(__name__)
 
 
 def rounds_table(summaries) -> str:
-    """One line per round of ``coordinator.RoundSummary``: test Dice/HD95/ASD and pseudo-label figures."""
-    rows = []
-    for s in summaries:
-        row = {"round": s.round, "seconds": round(s.seconds, 1), "train_loss": s.train.get("loss")}
-        row.update({f"test_{k}": v for k, v in s.test.items()})
-        if s.relabel:
-            row["pl_score"] = s.relabel["score_mean"]
-            row["pl_agreement"] = s.relabel["agreement_dice"]
-        row.update({f"audit_{k}": v for k, v in s.audit.items()})
-        rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    """One line per round (:meth:`pipeline.round_summary.RoundSummary.row`): test Dice/HD95/ASD and
+    pseudo-label figures."""
+    return pd.DataFrame([s.row() for s in summaries]).to_string(index=False, float_format=lambda x: f"{x:.4f}")
 
 
 def inspect_frame(store_root: Path) -> pd.DataFrame:
@@ -43,31 +37,32 @@ def inspect_frame(store_root: Path) -> pd.DataFrame:
     rows = []
     for r, g in m.groupby("round"):
         p = g[g["num_prompts"] > 0]
+        stats = relabel_stats(g)
         q = p["score_mean"].quantile([0.1, 0.5, 0.9]) if len(p) else pd.Series([np.nan] * 3, index=[0.1, 0.5, 0.9])
         rows.append({
             "round": int(r),
-            "cases": g["case_id"].nunique(),
-            "slices": len(g),
-            "prompted": len(p),
+            "cases": stats["cases"],
+            "slices": stats["slices"],
+            "prompted": stats["prompted_slices"],
             "pseudo_fg": g["pseudo_fg_fraction"].mean(),
             "specialist_fg": g["specialist_fg_fraction"].mean(),
-            "score_mean": p["score_mean"].mean(),
+            "score_mean": stats["score_mean"],
             "score_p10": q[0.1],
             "score_p50": q[0.5],
             "score_p90": q[0.9],
-            "agreement": p["agreement_dice"].mean(),
+            "agreement": stats["agreement_dice"],
             "cached": _cached_text(p),
         })
         if "ensemble" in g and (g["ensemble"] > 1).any():  # a prompt ensemble: its size and spread
-            rows[-1].update({"ensemble": int(g["ensemble"].max()), "fg_uncertainty": p["fg_uncertainty"].mean()})
+            rows[-1].update({"ensemble": int(g["ensemble"].max()), "fg_uncertainty": stats["fg_uncertainty"]})
     return pd.DataFrame(rows)
 
 
 def _cached_text(prompted: pd.DataFrame) -> str:
     """``cached/prompted`` slices of a round, or ``-`` when its generalist has no embeddings to cache."""
-    from pipeline.generalist.classical import RandomWalkerGeneralist
+    from pipeline.generalist.factory import has_embeddings
 
-    if len(prompted) and (prompted["generalist"] == RandomWalkerGeneralist.name).all():
+    if len(prompted) and not any(has_embeddings(g) for g in prompted["generalist"].unique()):
         return "-"
     return f"{int(prompted['embedding_cached'].sum())}/{len(prompted)}"
 
@@ -77,18 +72,6 @@ def inspect_table(store_root: Path) -> str:
     if df.empty:
         return f"{store_root}: no rounds yet"
     return df.to_string(index=False, float_format=lambda x: f"{x:.4f}")
-
-
-def _run_config(store_root):
-    """The run's saved config (absolute paths, so it means the same from any folder), or None."""
-    import yaml
-
-    from pipeline.config import config_from_dict
-
-    cfg_loc = Location.of(store_root).parent / "config.yaml"
-    if not cfg_loc.exists():
-        return None
-    return config_from_dict(yaml.safe_load(cfg_loc.read_text()), source=str(cfg_loc))
 
 
 def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: int | None = None,
@@ -107,8 +90,7 @@ def eval_frame(run_dir: Path) -> pd.DataFrame:
     (``hd95_nan``, ``asd_nan`` of ``pairs``), and Dice per class."""
     from pipeline.evaluation import round_means
 
-    eval_dir = Location.of(run_dir) / "eval"
-    files = [eval_dir / n for n in eval_dir.list_names() if n.startswith("round_") and n.endswith(".parquet")]
+    files = RunFolder(run_dir).tables("eval")
     if not files:
         raise StoreError(f"{run_dir} has no eval/round_*.parquet (has the run finished a round?)")
     rows, names = [], {}

@@ -28,11 +28,11 @@ import threading
 import time
 
 from pipeline.errors import RunLockedError
+from pipeline.run_folder import RunFolder
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "driver.lock"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -47,7 +47,7 @@ def _pid_alive(pid: int) -> bool:
 
 def read_lock(run_dir: Location) -> dict | None:
     """The lock's content, or None when there is no (readable) lock."""
-    loc = run_dir / LOCK_NAME
+    loc = RunFolder(run_dir).lock_loc
     try:
         return json.loads(loc.read_text())
     except Exception:  # noqa: BLE001 - missing, half-written by a dying driver or unreadable: no lock
@@ -59,7 +59,7 @@ class RunLock:
 
     def __init__(self, run_dir: Location, stale_after_s: float = 60.0, heartbeat_s: float | None = None):
         self.run_dir = Location.of(run_dir)
-        self.loc = self.run_dir / LOCK_NAME
+        self.loc = RunFolder(self.run_dir).lock_loc
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s or max(0.5, stale_after_s / 4)
         self.token = secrets.token_hex(8)

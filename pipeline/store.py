@@ -76,6 +76,8 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "uncertain_fraction": "float64",  # share of the slice's pixels where a member disagrees (NaN: one set)
     "fg_uncertainty": "float64",    # mean uncertainty over pixels any member calls foreground (NaN: none / one set)
     "class_source": "object",       # JSON: {class_id: "generalist" | "specialist"}, the round's choice per class
+    "trained_in_round": "int32",    # the training round that uses these masks: round, or round + 1 when
+                                    # overlapped (workers.overlap: one round stale); parts without it: round
 }
 OPTIONAL_COLUMNS: dict[str, object] = {"ensemble": 1, "ensemble_prompts": "[]", "uncertain_fraction": float("nan"),
                                        "fg_uncertainty": float("nan"), "class_source": "{}",
@@ -263,7 +265,7 @@ class PseudoLabelStore:
         (reads the parts of those rounds). Without it the caller guarantees the cases are new.
         """
         if isinstance(rows, list):  # a dict missing a key would otherwise become a silent NaN in the frame
-            required = set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS)
+            required = set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS) - {"trained_in_round"}  # default: round
             for i, row in enumerate(rows):
                 if not required <= set(row) <= set(MANIFEST_COLUMNS):
                     raise StoreError(f"manifest row {i} ({row.get('case_id')!r}, slice {row.get('slice')}) has "
@@ -331,6 +333,8 @@ def read_part(part: Location) -> pd.DataFrame:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    if "trained_in_round" not in df.columns:  # written before it was recorded, or by a caller that does not
+        df = df.assign(trained_in_round=df["round"])  # overlap: used by the round's own training
     for col, default in OPTIONAL_COLUMNS.items():  # parts written before these columns existed
         if col not in df.columns:
             df = df.assign(**{col: default})

@@ -13,17 +13,18 @@ read; who holds the lock. A local path or any fsspec URL; a missing folder or bu
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 import pandas as pd
 import yaml
 
-from pipeline.checkpoint import checkpoint_path, load_checkpoint
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import SemisamError
+from pipeline.run_folder import RunFolder
 from pipeline.run_lock import read_lock
 from pipeline.storage import Location, read_table
+from pipeline.store import PseudoLabelStore, read_part, round_key
 
 
 @dataclass
@@ -44,12 +45,13 @@ class VerifyReport:
 
 
 def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
-    loc = Location.of(run_dir)
+    folder = RunFolder(run_dir)
+    loc = folder.root
     rep = VerifyReport(loc.url)
     try:
         missing = _missing_folder(loc)
-        if missing is None and not (loc / "config.yaml").exists():
-            missing = f"{loc / 'config.yaml'} is missing: not a semisam run folder"
+        if missing is None and not folder.is_run():
+            missing = f"{folder.config_loc} is missing: not a semisam run folder"
     except SemisamError as e:
         missing = str(e)
     if missing:
@@ -57,30 +59,16 @@ def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
         return rep
     cfg = None
     try:
-        from pipeline.config import config_from_dict
-
-        cfg = config_from_dict(yaml.safe_load((loc / "config.yaml").read_text()), source=str(loc / "config.yaml"))
+        cfg = folder.load_config()
     except (SemisamError, yaml.YAMLError) as e:
-        rep.problems.append(f"config.yaml: {e}")
-    state = _state(loc, rep)
+        rep.problems.append(f"{RunFolder.CONFIG}: {e}")
+    state = _state(folder, rep)
     completed = sorted(state.get("completed", []))
     rep.notes.append(f"completed rounds: {completed or 'none'}")
     checkpoints = state.get("checkpoints", {})
-    _check_checkpoints(loc, completed, checkpoints, rep)
-    _check_store(loc, cfg, completed, checkpoints, rep)
-    for sub in ("eval", "audit"):
-        for name in (loc / sub).list_names():
-            if name.endswith(".parquet"):
-                try:
-                    table = read_table(loc / sub / name)
-                except SemisamError as e:
-                    rep.problems.append(str(e))
-                    continue
-                r = int(name.split("_")[1].split(".")[0]) if name.startswith("round_") else None
-                made = set(table["checkpoint_sha256"].dropna()) if "checkpoint_sha256" in table else set()
-                if sub == "eval" and r in completed and made and made != {checkpoints.get(str(r))}:
-                    rep.problems.append(f"{loc / sub / name} was computed with another checkpoint than checkpoint "
-                                        f"{r} (state.json); a rerun of `semisam run` redoes rounds {r}..")
+    _check_checkpoints(folder, completed, checkpoints, rep)
+    _check_store(folder, cfg, completed, checkpoints, rep)
+    _check_tables(folder, completed, checkpoints, rep)
     lock = read_lock(loc)
     if lock:
         rep.notes.append(f"locked by host {lock.get('host')} pid {lock.get('pid')} (a running driver, or a "
@@ -88,21 +76,36 @@ def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
     return rep
 
 
-def _state(loc: Location, rep: VerifyReport) -> dict:
-    s = loc / "state.json"
-    if not s.exists():
-        rep.notes.append("no state.json: no round has completed")
+def _state(folder: RunFolder, rep: VerifyReport) -> dict:
+    if not folder.state_loc.exists():
+        rep.notes.append(f"no {RunFolder.STATE}: no round has completed")
         return {}
     try:
-        return json.loads(s.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        rep.problems.append(f"{s} is damaged ({e})")
+        return folder.read_state()
+    except SemisamError as e:
+        rep.problems.append(str(e))
         return {}
 
 
-def _check_checkpoints(loc: Location, completed: list[int], recorded: dict, rep: VerifyReport) -> None:
+def _check_tables(folder: RunFolder, completed: list[int], checkpoints: dict, rep: VerifyReport) -> None:
+    """Every eval and audit table reads; a completed round's test table was made by its own checkpoint."""
+    for kind in ("eval", "audit"):
+        for loc in folder.tables(kind):
+            try:
+                table = read_table(loc)
+            except SemisamError as e:
+                rep.problems.append(str(e))
+                continue
+            r = int(loc.name.split("_")[1].split(".")[0])
+            made = set(table["checkpoint_sha256"].dropna()) if "checkpoint_sha256" in table else set()
+            if kind == "eval" and r in completed and made and made != {checkpoints.get(str(r))}:
+                rep.problems.append(f"{loc} was computed with another checkpoint than checkpoint {r} "
+                                    f"({RunFolder.STATE}); a rerun of `semisam run` redoes rounds {r}..")
+
+
+def _check_checkpoints(folder: RunFolder, completed: list[int], recorded: dict, rep: VerifyReport) -> None:
     for r in completed:
-        ckpt = checkpoint_path(loc, r)
+        ckpt = folder.checkpoint(r)
         if not ckpt.is_file():
             rep.problems.append(f"{ckpt} is missing (round {r} is completed); a rerun redoes rounds {r}..")
             continue
@@ -124,18 +127,9 @@ def _missing_folder(loc: Location) -> str | None:
     return f"{loc.url} does not exist"
 
 
-def _check_store(loc: Location, cfg, completed: list[int], checkpoints: dict, rep: VerifyReport) -> None:
-    from pipeline.store import PseudoLabelStore, read_part
-
-    store_loc = loc / "pseudo_labels"
-    if not (store_loc / "masks.zarr" / "zarr.json").exists():
-        rep.notes.append("no pseudo-label store")
-        return
-    try:
-        store = PseudoLabelStore(store_loc)
-    except SemisamError as e:
-        rep.problems.append(str(e))
-        return
+def _manifest_with_parts(store, rep: VerifyReport) -> pd.DataFrame:
+    """Every readable manifest part, its rows tagged with the part's name (``_part``); unreadable parts and
+    (round, case) pairs with rows in two parts are problems."""
     frames = []
     for part in store.parts():
         try:
@@ -150,42 +144,66 @@ def _check_store(loc: Location, cfg, completed: list[int], checkpoints: dict, re
     twice = m.groupby(["round", "case_id"])["_part"].nunique()
     for (r, c), n in twice[twice > 1].items():
         rep.problems.append(f"round {r} case {c} has rows in {n} manifest parts (counted twice)")
-    expected = None
-    if cfg is not None:
-        try:
-            from pipeline.data.dataset import read_data
-            from pipeline.data.splits import resolve_split
+    return m
 
-            expected = set(resolve_split(cfg.data, read_data(cfg.data)).unlabeled)
-        except SemisamError as e:
-            rep.notes.append(f"dataset not checked ({str(e).splitlines()[0]})")
+
+def _expected_unlabeled(cfg, rep: VerifyReport) -> set[str] | None:
+    """The run's unlabeled cases when its dataset is reachable, else None (noted)."""
+    if cfg is None:
+        return None
+    try:
+        from pipeline.data.dataset import read_data
+        from pipeline.data.splits import resolve_split
+
+        return set(resolve_split(cfg.data, read_data(cfg.data)).unlabeled)
+    except SemisamError as e:
+        rep.notes.append(f"dataset not checked ({str(e).splitlines()[0]})")
+        return None
+
+
+def _check_store(folder: RunFolder, cfg, completed: list[int], checkpoints: dict, rep: VerifyReport) -> None:
+    if not (folder.pseudo_labels / "masks.zarr" / "zarr.json").exists():
+        rep.notes.append("no pseudo-label store")
+        return
+    try:
+        store = PseudoLabelStore(folder.pseudo_labels)
+    except SemisamError as e:
+        rep.problems.append(str(e))
+        return
+    m = _manifest_with_parts(store, rep)
+    expected = _expected_unlabeled(cfg, rep)
     for r in store.rounds():
-        status = store.case_status(r)
-        rows = m.loc[m["round"] == r]
-        in_manifest = set(rows["case_id"])
-        for c in sorted(in_manifest):
-            if not status.get(c, False):
-                rep.problems.append(f"round {r} case {c} is in the manifest but its arrays are missing; "
-                                    "a rerun of `semisam run` redoes it")
-        for c, why in store.damaged_cases(r, sorted(c for c in in_manifest if status.get(c, False))).items():
-            rep.problems.append(f"round {r} case {c} is damaged ({why}, under "
-                                f"{store.masks_loc / f'round_{r:03d}' / c}); a rerun of `semisam run` relabels it")
-        want = checkpoints.get(str(r - 1))
-        if want:
-            sha = rows["checkpoint_sha256"].astype(str)
-            stale = sorted(set(rows.loc[(sha != "") & (sha != want), "case_id"]))
-            if stale:
-                rep.problems.append(f"round {r}: {len(stale)} cases were made by another checkpoint {r - 1} than the "
-                                    f"one state.json records ({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}); "
-                                    "a rerun of `semisam run` relabels them"
-                                    + (f" and redoes rounds {r}.." if r in completed else ""))
-        extra = sorted(set(status) - in_manifest)
-        if extra:
-            rep.notes.append(f"round {r}: {len(extra)} cases have arrays but no manifest rows (unfinished; a "
-                             "rerun redoes them)")
-        if expected is not None and r in completed:
-            lost = sorted(expected - in_manifest)
-            if lost:
-                rep.problems.append(f"round {r} is completed but {len(lost)} unlabeled cases have no pseudo-labels "
-                                    f"(given up or lost): {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}")
-        rep.notes.append(f"round {r}: {len(in_manifest)} cases in the manifest")
+        _check_store_round(store, r, m.loc[m["round"] == r], r in completed, checkpoints.get(str(r - 1)),
+                           expected, rep)
+
+
+def _check_store_round(store, r: int, rows: pd.DataFrame, completed: bool, want: str | None,
+                       expected: set[str] | None, rep: VerifyReport) -> None:
+    """Round ``r`` of the store against its manifest ``rows``: arrays present and whole, made by checkpoint
+    ``r - 1`` (SHA-256 ``want``), and, for a completed round, every ``expected`` unlabeled case there."""
+    status = store.case_status(r)
+    in_manifest = set(rows["case_id"])
+    for c in sorted(in_manifest):
+        if not status.get(c, False):
+            rep.problems.append(f"round {r} case {c} is in the manifest but its arrays are missing; "
+                                "a rerun of `semisam run` redoes it")
+    for c, why in store.damaged_cases(r, sorted(c for c in in_manifest if status.get(c, False))).items():
+        rep.problems.append(f"round {r} case {c} is damaged ({why}, under "
+                            f"{store.masks_loc / round_key(r) / c}); a rerun of `semisam run` relabels it")
+    if want:
+        sha = rows["checkpoint_sha256"].astype(str)
+        stale = sorted(set(rows.loc[(sha != "") & (sha != want), "case_id"]))
+        if stale:
+            rep.problems.append(f"round {r}: {len(stale)} cases were made by another checkpoint {r - 1} than the "
+                                f"one {RunFolder.STATE} records ({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}); "
+                                "a rerun of `semisam run` relabels them" + (f" and redoes rounds {r}.." if completed else ""))
+    extra = sorted(set(status) - in_manifest)
+    if extra:
+        rep.notes.append(f"round {r}: {len(extra)} cases have arrays but no manifest rows (unfinished; a "
+                         "rerun redoes them)")
+    if expected is not None and completed:
+        lost = sorted(expected - in_manifest)
+        if lost:
+            rep.problems.append(f"round {r} is completed but {len(lost)} unlabeled cases have no pseudo-labels "
+                                f"(given up or lost): {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}")
+    rep.notes.append(f"round {r}: {len(in_manifest)} cases in the manifest")

@@ -14,13 +14,13 @@ import ray
 import yaml
 
 from pipeline.config import RunConfig, config_from_dict
-from pipeline.coordinator import Coordinator
 from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.data.synthetic import write_synthetic_msd
 from pipeline.generalist.sam import save_tiny_sam
 from pipeline.store import PseudoLabelStore, read_part
 from pipeline.verify import verify_run
+from semisam.launch import make_coordinator
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -148,7 +148,7 @@ def small_config(data_root: Path, run_root: Path, sam_checkpoint: Path | None = 
 
 def run_to_end(cfg, on_event=None):
     """Run a Coordinator to the end (always shut down); returns (coordinator, summaries) for inspection."""
-    c = Coordinator(cfg, on_event)
+    c = make_coordinator(cfg, on_event)
     try:
         return c, c.run()
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from pipeline.cli import main
+from semisam.cli import main
 from tests.conftest import shared_path, small_config_dict
 
 

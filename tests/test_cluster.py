@@ -76,7 +76,7 @@ def test_a_node_lost_after_the_last_round_does_not_keep_the_driver(cluster, data
     """Issue 16: a SAM node lost once the rounds were done used to kill the driver in worker_stats with an
     ActorUnavailableError traceback (the data complete, the job failed); the statistics of the actors that
     are gone are now left out and the run returns."""
-    from pipeline.coordinator import run_with_stats
+    from semisam.launch import run_with_stats
 
     c_obj, _ = cluster
     c_obj.add_node(num_cpus=1, num_gpus=2)

@@ -320,7 +320,7 @@ def test_a_run_folder_from_before_a_new_setting_resumes_and_real_changes_are_ref
     default is what the older version did. A changed value is still refused, by name."""
     import yaml
 
-    from pipeline.coordinator import prepare_run_dir
+    from pipeline.resume import prepare_run_dir
     from tests.conftest import small_config
 
     cfg = small_config(synthetic_root, tmp_path)
@@ -345,7 +345,7 @@ def test_a_saved_config_without_a_setting_whose_default_changed_keeps_what_it_ra
     import yaml
 
     from pipeline.config import with_defaults
-    from pipeline.coordinator import prepare_run_dir
+    from pipeline.resume import prepare_run_dir
     from tests.conftest import small_config
 
     strong = {"pseudo_label": {"loss": "ce_dice", "schedule": "up", "weight": 0.5}}
@@ -400,7 +400,7 @@ def test_more_rounds_on_resume_keep_the_schedule_the_run_started_with(synthetic_
     its first rounds followed. The schedule is now fixed when the run folder is created."""
     import yaml
 
-    from pipeline.coordinator import prepare_run_dir
+    from pipeline.resume import prepare_run_dir
     from pipeline.training.loop import SpecialistTrainer
     from tests.conftest import small_config
 
@@ -419,3 +419,32 @@ def test_more_rounds_on_resume_keep_the_schedule_the_run_started_with(synthetic_
     old["rounds"] = 3
     saved.write_text(yaml.safe_dump(old))
     assert prepare_run_dir(small_config(synthetic_root, tmp_path, rounds=4))[0].train.schedule_rounds == 3
+
+
+def test_a_preset_says_only_how_it_differs_from_its_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("name: b\noutput_dir: runs\ndata:\n  root: data\n  num_labeled: 2\n"
+                    "train:\n  iterations: 30\n  pseudo_label:\n    weight: 0.05\n    loss: mse\n")
+    (tmp_path / "presets").mkdir()
+    preset = tmp_path / "presets" / "strong.yaml"
+    preset.write_text("base: ../base.yaml\nname: s\ntrain:\n  pseudo_label:\n    weight: 0.5\n")
+    cfg = load_config(preset)
+    assert cfg.name == "s" and cfg.train.pseudo_label.weight == 0.5
+    assert cfg.train.pseudo_label.loss == "mse" and cfg.train.iterations == 30 and cfg.data.num_labeled == 2
+    assert cfg.data.root == (tmp_path / "data").resolve()  # the base's paths resolve against the base's folder
+    assert load_config(preset, ["train.pseudo_label.weight=0.1"]).train.pseudo_label.weight == 0.1
+    base.write_text("base: presets/strong.yaml\n")
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config(preset)
+    preset.write_text("base: ../nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml does not exist \(the base of .*strong.yaml\)"):
+        load_config(preset)
+
+
+def test_the_shipped_strong_term_preset_is_its_base_with_the_strong_term():
+    root = Path(__file__).resolve().parents[1] / "conf"
+    base = load_config(root / "hippocampus.yaml").model_dump(mode="json")
+    strong = load_config(root / "hippocampus_strong_term.yaml").model_dump(mode="json")
+    assert strong["train"]["pseudo_label"] | {"weight": 0.05, "loss": "mse", "schedule": "down"} == base["train"]["pseudo_label"]
+    strong["train"]["pseudo_label"], strong["name"] = base["train"]["pseudo_label"], base["name"]
+    assert strong == base

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import main as cli_main
 from pipeline.config_reference import leaves, reference_markdown
+from semisam.cli import main as cli_main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

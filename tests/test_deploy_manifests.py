@@ -117,7 +117,7 @@ def test_dockerfile_runs_semisam_as_a_non_root_user():
     (cmd,) = [a for i, a in instr if i == "CMD"]
     assert json.loads(cmd)[0] == "semisam"
     copied = {a.split()[-2].rstrip("/") for i, a in instr if i == "COPY"}
-    assert {"pyproject.toml", "pipeline", "workers", "conf"} <= copied
+    assert {"pyproject.toml", "pipeline", "workers", "semisam", "conf"} <= copied
 
 
 def test_hadolint_passes():

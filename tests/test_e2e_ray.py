@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.cli import main as cli_main
 from pipeline.config import config_from_dict
-from pipeline.coordinator import Coordinator, run_with_stats
 from pipeline.data.dataset import read_dataset_info
 from pipeline.data.splits import resolve_split
 from pipeline.store import PseudoLabelStore, open_manifest, open_masks
+from semisam.cli import main as cli_main
+from semisam.launch import make_coordinator, run_with_stats
 from tests.conftest import small_config_dict
 
 pytestmark = pytest.mark.ray
@@ -111,7 +111,7 @@ def test_resume_runs_only_the_missing_round(finished_run):
     before = {p.name: p.stat().st_mtime_ns for p in ckpt_dir.iterdir()}
     manifest_before = PseudoLabelStore(cfg.run_dir / "pseudo_labels").manifest()
     cfg4 = config_from_dict({**cfg.model_dump(mode="json"), "rounds": 4})
-    coordinator = Coordinator(cfg4)
+    coordinator = make_coordinator(cfg4)
     try:
         summaries = coordinator.run()
     finally:
@@ -132,7 +132,7 @@ def test_resume_refuses_a_different_config(finished_run):
     cfg, _, _, _ = finished_run
     other = config_from_dict({**cfg.model_dump(mode="json"), "train": {**cfg.train.model_dump(mode="json"), "lr": 0.5}})
     with pytest.raises(ConfigError, match="train.lr"):
-        Coordinator(other)
+        make_coordinator(other)
 
 
 def test_cli_inspect_and_eval_read_the_run(finished_run, capsys, tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_without_the_pseudo_label_term_rounds_only_train(ray_cluster, synthetic_
     """Plain Mean Teacher: no SAM pool is started, nothing is relabeled, every round trains on."""
     cfg = config_from_dict(small_config_dict(synthetic_root, tmp_path, rounds=2,
                                              train={"pseudo_label": {"enabled": False}}))
-    coordinator = Coordinator(cfg)
+    coordinator = make_coordinator(cfg)
     try:
         assert coordinator.pool is None
         summaries = coordinator.run()
@@ -187,7 +187,7 @@ def test_tensorboard_events_hold_the_losses_and_the_round_metrics(ray_cluster, s
 
     cfg = config_from_dict(small_config_dict(synthetic_root, tmp_path, rounds=2, train={"log_every": 2},
                                              eval={"audit_pseudo_labels": True}))
-    coordinator = Coordinator(cfg)
+    coordinator = make_coordinator(cfg)
     try:
         summaries = coordinator.run()
     finally:

@@ -22,7 +22,6 @@ import yaml
 import zarr
 
 from pipeline.config import SamConfig, config_from_dict, load_config
-from pipeline.coordinator import preflight, run_with_stats
 from pipeline.errors import StoreError
 from pipeline.generalist.cache import NAME_HEX, EmbeddingCache, cache_key, image_sha256
 from pipeline.generalist.sam import (
@@ -32,8 +31,10 @@ from pipeline.generalist.sam import (
     sam_embedding_cache,
     save_tiny_sam,
 )
+from pipeline.preflight import preflight
 from pipeline.storage import Location, check_writable, file_sha256
 from pipeline.store import PseudoLabelStore
+from semisam.launch import run_with_stats
 from tests.conftest import moto_s3, small_config_dict
 
 CPU = torch.device("cpu")

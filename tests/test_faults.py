@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from pipeline.config import config_from_dict
-from pipeline.coordinator import Coordinator
 from pipeline.errors import CheckpointError, ConfigError, PlacementError, RunLockedError, StoreError
 from pipeline.run_lock import RunLock
 from pipeline.store import PseudoLabelStore
 from pipeline.verify import verify_run
+from semisam.launch import make_coordinator
 from tests.conftest import (
     assert_exactly_once,
     copy_run,
@@ -100,7 +100,7 @@ def test_flipped_checkpoint_is_refused_on_resume_and_named(finished, tmp_path):
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2: len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 4096])
     ckpt.write_bytes(bytes(data))
-    c = Coordinator(cfg)
+    c = make_coordinator(cfg)
     try:
         with pytest.raises(CheckpointError, match="ckpt_0002.pt is corrupt"):
             c.run()
@@ -131,7 +131,7 @@ def test_damaged_manifest_part_is_named_before_any_work(finished, tmp_path):
     part = PseudoLabelStore(cfg.run_dir / "pseudo_labels").parts(2)[0]
     data = part.read_bytes()
     Path(part.path).write_bytes(data[: len(data) // 3])
-    c = Coordinator(cfg)
+    c = make_coordinator(cfg)
     try:
         with pytest.raises(StoreError, match=part.name) as e:
             c.run()
@@ -145,7 +145,7 @@ def test_second_driver_is_refused_and_a_dead_drivers_lock_taken_over(finished, t
     cfg = copy_run(finished, tmp_path)
     with RunLock(cfg.run_dir):  # a live driver (this process) holds the folder
         with pytest.raises(RunLockedError, match="in use by another semisam driver"):
-            Coordinator(cfg)
+            make_coordinator(cfg)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock = Path(cfg.run_dir) / "driver.lock"
@@ -165,7 +165,7 @@ def test_pickled_sam_checkpoint_is_refused_before_any_training(data12, tmp_path)
     torch.save({"x": Evil()}, bad)
     cfg = config_from_dict(small_config_dict(data12, tmp_path / "runs", sam_checkpoint=bad))
     with pytest.raises(CheckpointError, match="evil.pth") as e:
-        Coordinator(cfg)
+        make_coordinator(cfg)
     assert "weights-only" in str(e.value)
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "runs" / "test" / "checkpoints").exists()  # nothing trained
@@ -177,7 +177,7 @@ def test_pickled_sam_checkpoint_is_refused_before_any_training(data12, tmp_path)
                                              generalist={"backend": "sam", "sam": {"variant": "vit_b",
                                                                                    "checkpoint": str(tmp_path / "tiny.pth")}}))
     with pytest.raises(CheckpointError, match="does not match variant vit_b"):
-        Coordinator(cfg)
+        make_coordinator(cfg)
 
 
 def test_over_asked_pool_starts_with_what_fits(ray_cluster, data12, tmp_path):
@@ -193,17 +193,17 @@ def test_unplaceable_requests_stop_at_once_with_the_missing_resources(ray_cluste
     cfg = fault_config(data12, tmp_path, workers={"sam": {"num_workers": 8, "num_cpus": 1.0, "min_workers": 4}})
     t = time.monotonic()
     with pytest.raises(PlacementError, match="8 SAM actors of 1 CPU each were asked for, the cluster can place 1"):
-        Coordinator(cfg)
+        make_coordinator(cfg)
     cfg = fault_config(data12, tmp_path, workers={"trainer": {"num_gpus": 1}})
     with pytest.raises(PlacementError, match="no node can hold the trainer \\(1 CPU, 1 GPU"):
-        Coordinator(cfg)
+        make_coordinator(cfg)
     assert time.monotonic() - t < 30  # refused up front, not after a placement timeout
     assert not (Path(cfg.run_dir) / "driver.lock").exists()
 
 
 def test_auto_pool_size_is_what_fits(ray_cluster, data12, tmp_path):
     cfg = fault_config(data12, tmp_path, rounds=1, workers={"sam": {"num_workers": "auto", "num_cpus": 0.25}})
-    c = Coordinator(cfg)
+    c = make_coordinator(cfg)
     try:
         assert c.sam_wanted == 6  # (2 CPUs - 0.5 for the trainer) / 0.25
     finally:

@@ -25,11 +25,11 @@ import torch
 
 from benchmarks.common import fill_disk
 from pipeline.checkpoint import checkpoint_path, load_checkpoint
-from pipeline.coordinator import run_with_stats
 from pipeline.errors import NonFiniteError, RunLockedError, StoreError
 from pipeline.run_lock import RunLock
 from pipeline.store import PseudoLabelStore, read_part
 from pipeline.verify import verify_run
+from semisam.launch import run_with_stats
 from tests.conftest import assert_exactly_once, copy_run, fault_config, run_to_end, unlabeled_cases
 
 pytestmark = pytest.mark.ray

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from pipeline.config import config_from_dict
-from pipeline.coordinator import Coordinator
+from semisam.launch import make_coordinator
 from tests.conftest import small_config_dict
 
 pytestmark = pytest.mark.ray
@@ -24,7 +24,7 @@ def test_trainer_and_each_sam_actor_hold_distinct_gpus(ray_with_gpus, synthetic_
     d = small_config_dict(synthetic_root, tmp_path, tiny_sam_checkpoint, rounds=1)
     d["workers"]["trainer"]["num_gpus"] = 1
     d["workers"]["sam"]["num_gpus"] = 1
-    coordinator = Coordinator(config_from_dict(d))
+    coordinator = make_coordinator(config_from_dict(d))
     try:
         trainer = ray.get(coordinator.trainer.process_info.remote())
         pool = coordinator.worker_stats()
@@ -41,7 +41,7 @@ def test_trainer_and_each_sam_actor_hold_distinct_gpus(ray_with_gpus, synthetic_
 
 def test_fractional_cpu_actors_fit_a_two_cpu_machine(ray_with_gpus, synthetic_root, tiny_sam_checkpoint, tmp_path):
     """No GPUs asked: the same code places a trainer and 2 SAM actors on 2 CPUs (0.5 CPU each)."""
-    coordinator = Coordinator(config_from_dict(small_config_dict(synthetic_root, tmp_path, tiny_sam_checkpoint, rounds=1)))
+    coordinator = make_coordinator(config_from_dict(small_config_dict(synthetic_root, tmp_path, tiny_sam_checkpoint, rounds=1)))
     try:
         pool = coordinator.worker_stats()
         trainer = ray.get(coordinator.trainer.process_info.remote())

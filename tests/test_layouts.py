@@ -11,7 +11,6 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import DataConfig
 from pipeline.data.dataset import (
     load_image,
@@ -26,6 +25,7 @@ from pipeline.data.ssl4mis import read_list_files, slice_name_parts, split_from_
 from pipeline.data.synthetic import write_synthetic_msd, write_synthetic_ssl4mis
 from pipeline.data.validate import validate_cases, validate_dataset
 from pipeline.errors import ConfigError, DatasetError
+from semisam.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +295,8 @@ def test_classes_come_from_the_labels_without_dataset_json(tmp_path, caplog):
     """Issue 18: an SSL4MIS folder without dataset.json gave one error per file ("values [2] not in the
     labels [0, 1] of the h5 default"); the classes now come from the labeled and test cases' labels, with
     a warning, and reach the config that every actor gets."""
-    from pipeline.coordinator import preflight
     from pipeline.data.validate import labels_from_data
+    from pipeline.preflight import preflight
     from tests.conftest import small_config
 
     root = write_synthetic_ssl4mis(tmp_path / "ssl", num_train=4, num_val=1, num_test=1, seed=3, class_names=False)

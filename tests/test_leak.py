@@ -27,11 +27,11 @@ import pytest
 import torch
 
 from pipeline.config import config_from_dict
-from pipeline.coordinator import preflight
 from pipeline.data.dataset import load_image, load_label, read_dataset_info
 from pipeline.data.synthetic import write_synthetic_h5, write_synthetic_msd
 from pipeline.generalist.factory import make_generalist
 from pipeline.models.unet import build_model
+from pipeline.preflight import preflight
 from pipeline.relabel import relabel_case
 from pipeline.store import PseudoLabelStore
 from pipeline.training.pseudo_labels import gated_pseudo_label

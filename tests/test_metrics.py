@@ -370,8 +370,8 @@ def test_round_means_counts_nan_pairs_and_keeps_the_unit():
 
 
 def test_eval_table_and_round_line_name_the_unit(tmp_path):
-    from pipeline.coordinator import RoundSummary
     from pipeline.reports import eval_frame, eval_table
+    from pipeline.round_summary import RoundSummary
 
     (tmp_path / "eval").mkdir()
     df = _eval_table("vox")

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.cli import main as cli_main
 from pipeline.config import config_from_dict
-from pipeline.coordinator import Coordinator, run
 from pipeline.errors import StoreError
 from pipeline.storage import Location
 from pipeline.store import PseudoLabelStore, open_manifest, open_masks
 from pipeline.verify import verify_run
+from semisam.cli import main as cli_main
+from semisam.launch import make_coordinator, run
 from tests.conftest import moto_s3, small_config_dict, unlabeled_cases
 
 pytestmark = pytest.mark.ray
@@ -99,7 +99,7 @@ def test_resume_from_s3_adds_a_round(s3_run):
 def test_missing_bucket_and_credentials_fail_before_any_work(s3, synthetic_root, monkeypatch):
     cfg = config_from_dict(small_config_dict(synthetic_root, "s3://no-such-bucket/runs"))
     with pytest.raises(StoreError, match="cannot write to the run folder s3://no-such-bucket/runs/test") as e:
-        Coordinator(cfg)
+        make_coordinator(cfg)
     assert "bucket" in str(e.value)
     with pytest.raises(StoreError, match="cannot open|not known|fsspec"):
         Location.of("nosuchproto://x/y")
@@ -130,7 +130,7 @@ def test_storage_outage_mid_round_is_retried(s3, synthetic_root):
             down.append(time.monotonic())
             threading.Timer(3.0, restart, (host, port)).start()
 
-    c = Coordinator(cfg, outage)
+    c = make_coordinator(cfg, outage)
     try:
         summaries = c.run()
     finally:

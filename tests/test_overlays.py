@@ -148,7 +148,7 @@ def test_uncertainty_is_drawn_only_when_stored(run, tmp_path, monkeypatch):
 
 
 def test_cli_inspect_pick_and_cached_dash(run, tmp_path, capsys):
-    from pipeline.cli import main
+    from semisam.cli import main
 
     assert main(["inspect", str(run["store"]), "--png", str(tmp_path / "png"), "--num-slices", "2",
                  "--pick", "lowest-score"]) == 0
@@ -189,7 +189,7 @@ def _eval_files(run_dir: Path, rounds: dict[int, float], audit: dict[int, tuple[
 
 
 def test_eval_plots_with_and_without_audit(tmp_path, capsys):
-    from pipeline.cli import main
+    from semisam.cli import main
 
     with_audit = tmp_path / "a"
     _eval_files(with_audit, {0: 0.4, 1: 0.5, 2: 0.6}, {1: (0.55, 0.45), 2: (0.65, 0.6)})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pipeline.config import ConsistencyConfig
 from pipeline.data.dataset import load_image, load_label, read_dataset_info
 from pipeline.models.unet import UNet
-from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
+from pipeline.training.loop import SpecialistTrainer, TrainVolume
 from pipeline.training.losses import (
     ce_dice_loss,
     entropy,
@@ -25,6 +25,7 @@ from pipeline.training.losses import (
     softmax_mse,
     weighted_cross_entropy,
 )
+from pipeline.training.pseudo_labels import PseudoLabel
 from pipeline.training.ramps import (
     linear_rampup,
     rampdown_weight,

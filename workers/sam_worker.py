@@ -19,6 +19,7 @@ from pipeline.generalist.cache import EmbeddingCache
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
+from pipeline.run_folder import RunFolder
 from pipeline.run_lock import check_sees_run_folder
 from pipeline.store import PseudoLabelStore
 from workers.common import node_info, process_info, return_free_heap, start_worker
@@ -56,7 +57,7 @@ class SamWorker:
     @property
     def store(self) -> PseudoLabelStore:
         if self._store is None:
-            self._store = PseudoLabelStore(self.cfg.run_dir / "pseudo_labels")
+            self._store = PseudoLabelStore(RunFolder(self.cfg.run_dir).pseudo_labels)
         return self._store
 
     def ready(self, run_token: str) -> dict:

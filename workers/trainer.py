@@ -24,11 +24,12 @@ from pipeline.evaluation import EvalVolume, evaluate_model
 from pipeline.events import EventLog
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.relabel import relabel_case
+from pipeline.run_folder import RunFolder
 from pipeline.run_lock import check_sees_run_folder
 from pipeline.storage import write_table
 from pipeline.store import PseudoLabelStore
-from pipeline.training.loop import PseudoLabel, SpecialistTrainer, TrainVolume
-from pipeline.training.pseudo_labels import load_pseudo_labels
+from pipeline.training.loop import SpecialistTrainer, TrainVolume
+from pipeline.training.pseudo_labels import PseudoLabel
 from workers.common import node_info, process_info, start_worker
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,8 @@ class TrainerWorker:
         """The generalist masks of ``round_index`` (for ``case_ids``, default every unlabeled case),
         gated by generalist score. Cases the round gave up on have no masks and are left out."""
         ids = [v.case_id for v in self.unlabeled] if case_ids is None else list(case_ids)
-        return load_pseudo_labels(PseudoLabelStore(self.cfg.run_dir / "pseudo_labels"), round_index, ids,
-                                  self.cfg.data.slice_axis, self.cfg.train.pseudo_label.min_sam_score,
-                                  self.cfg.train.pseudo_label.consensus_only,
-                                  self.cfg.train.pseudo_label.uncertainty_weighting)
+        store = PseudoLabelStore(RunFolder(self.cfg.run_dir).pseudo_labels)
+        return self.trainer.term.load(store, round_index, ids, self.cfg.data.slice_axis)
 
     def train_round(self, round_index: int, pseudo_round: int | None, pseudo_cases: list[str] | None = None) -> dict:
         """Train round ``round_index`` on top of the weights held (the coordinator restores checkpoint
@@ -152,7 +151,7 @@ class TrainerWorker:
         df.insert(0, "round", round_index)
         df.insert(df.columns.get_loc("class_id") + 1, "class_name", df["class_id"].map(self.info.labels))
         df["checkpoint_sha256"] = self.sha
-        write_table(df, self.cfg.run_dir / "eval" / f"round_{round_index:03d}.parquet")
+        write_table(df, RunFolder(self.cfg.run_dir).table("eval", round_index))
         return df
 
     def select_sources(self, round_index: int, case_ids: list[str]) -> pd.DataFrame:

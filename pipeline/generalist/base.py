@@ -63,6 +63,10 @@ class Generalist(Protocol):
 
     name: str
     """Short id stored with every mask (e.g. ``sam-vit_b``, ``sam-tiny``, ``classical-random-walker``)."""
+    cacheable: bool
+    """Whether ``embed`` computes something worth keeping (SAM's image embeddings); a weight-free generalist
+    returns the slices themselves and is never cached. The one place this is decided (see
+    :func:`pipeline.generalist.factory.caches_embeddings`)."""
 
     def embed(self, slices: np.ndarray) -> np.ndarray:
         """Embed a batch of slices. slices: float32 (B, H, W), any intensity scale (each slice is windowed

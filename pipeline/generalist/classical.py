@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 from skimage.segmentation import random_walker
@@ -120,10 +119,11 @@ class RandomWalkerGeneralist:
     """Random-walker generalist: weight-free, CPU only; the baseline against SAM."""
 
     name = "classical-random-walker"
+    cacheable = False  # its "embedding" is the windowed slice itself
 
-    def __init__(self, cfg: ClassicalConfig, window_percentiles: Sequence[float] = (0.5, 99.5)) -> None:
+    def __init__(self, cfg: ClassicalConfig) -> None:
         self.cfg = cfg
-        self.window_percentiles = (float(window_percentiles[0]), float(window_percentiles[1]))
+        self.window_percentiles = (float(cfg.window_percentiles[0]), float(cfg.window_percentiles[1]))
 
     def embed(self, slices: np.ndarray) -> np.ndarray:
         """slices float (B, H, W), any intensity scale -> float32 (B, H, W): each slice windowed to [0, 1]."""

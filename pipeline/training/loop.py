@@ -30,8 +30,9 @@ from pipeline.config import RunConfig
 from pipeline.errors import NonFiniteError
 from pipeline.models.unet import UNet, build_model, model_args
 from pipeline.progress import Progress
-from pipeline.training.losses import PSEUDO_LABEL_LOSSES, ce_dice_loss
-from pipeline.training.ramps import rampdown_weight, ramped_weight
+from pipeline.training.losses import ce_dice_loss
+from pipeline.training.pseudo_labels import PseudoLabel
+from pipeline.training.pseudo_term import PseudoLabelTerm
 from pipeline.training.sampling import sample_crop
 from pipeline.training.strategies import UnlabeledBatch, make_strategy
 
@@ -45,28 +46,6 @@ class TrainVolume:
     case_id: str
     image: np.ndarray
     label: np.ndarray | None = None
-
-
-@dataclass
-class PseudoLabel:
-    """Stored generalist masks of an unlabeled case, in the volume's axis order.
-
-    labels uint8 (X, Y, Z); slice_weight float32 (S,) along ``slice_axis``: 1 keeps a slice, 0 drops it
-    (gating by generalist score, decided when the pseudo-labels are loaded); voxel_weight float32 (X, Y, Z)
-    in [0, 1] or None: per-voxel weights (the consensus gate's 0/1, the prompt ensemble's certainty),
-    multiplied with the slice weight.
-    """
-
-    labels: np.ndarray
-    slice_weight: np.ndarray
-    voxel_weight: np.ndarray | None = None
-
-    def weight(self, shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
-        """float32 ``shape`` (the volume's): slice weight broadcast along ``slice_axis``, times voxel weight."""
-        view = [1, 1, 1]
-        view[slice_axis] = -1
-        w = np.broadcast_to(self.slice_weight.reshape(view).astype(np.float32), shape)
-        return w if self.voxel_weight is None else w * self.voxel_weight
 
 
 def _check_finite(logs: dict[str, float], step: int) -> None:
@@ -83,13 +62,6 @@ def _grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
     """L2 norm over ``params`` of d loss / d params, keeping the graph for the real backward pass."""
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
-
-
-def _foreground_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample Dice of foreground (any class > 0) between two label maps (B, *S); 1 when both empty."""
-    a, b = (a > 0).flatten(1).float(), (b > 0).flatten(1).float()
-    inter, total = (a * b).sum(1), a.sum(1) + b.sum(1)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
 class SpecialistTrainer:
@@ -113,8 +85,8 @@ class SpecialistTrainer:
         # UA-MT's threshold ramp and the decreasing pseudo-label ramp span it
         self.total_iterations = (t.schedule_rounds or cfg.rounds) * t.iterations
         self.strategy = make_strategy(t.method, t.consistency, self.total_iterations)
+        self.term = PseudoLabelTerm(t.pseudo_label, self.total_iterations)
         self.step = 0
-        self.first_pseudo_step: int | None = None
         self.on_log = None  # called as on_log(step, values) every train.log_every iterations (TensorBoard)
 
     # -- state ---------------------------------------------------------------------------------
@@ -169,84 +141,44 @@ class SpecialistTrainer:
         for tb, sb in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
             tb.copy_(sb)
 
+    # -- the pseudo-label term ---------------------------------------------------------------------
+    @property
+    def first_pseudo_step(self) -> int | None:
+        """The first step that had pseudo-labels (the term's weight schedule starts there), or None."""
+        return self.term.first_step
+
+    @first_pseudo_step.setter
+    def first_pseudo_step(self, step: int | None) -> None:
+        self.term.first_step = step
+
     def pseudo_label_weight(self) -> float:
         """Weight of the pseudo-label term at the current step (0 before the first step with pseudo-labels)."""
-        pl = self.cfg.train.pseudo_label
-        if self.first_pseudo_step is None:
-            return 0.0
-        if pl.schedule == "down":
-            return rampdown_weight(pl.weight, self.step, self.first_pseudo_step, self.total_iterations - 1)
-        return ramped_weight(pl.weight, self.step - self.first_pseudo_step, pl.rampup_iterations)
+        return self.term.weight(self.step)
 
+    # -- one round -------------------------------------------------------------------------------
     def train(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume],
               pseudo: dict[str, PseudoLabel] | None, iterations: int) -> dict[str, float]:
         """Run ``iterations`` steps; returns the mean of each logged value over the iterations that logged it
         (``sup``, ``loss``, ``consistency``, ``certain_fraction`` (UA-MT), ``consistency_grad_share``,
-        ``pseudo``, ``pseudo_weight``, ``pseudo_grad_share``, ...)."""
+        ``pseudo``, ``pseudo_weight``, ``pseudo_grad_share``, ...): a key missing from some iterations (e.g.
+        ``pseudo`` when a batch was gated out) is averaged over the iterations that had it."""
         t = self.cfg.train
-        pl_cfg = t.pseudo_label
-        use_pseudo = bool(pseudo) and pl_cfg.active
+        use_pseudo = bool(pseudo) and self.term.active
         n_unl = t.unlabeled_batch_size if unlabeled else 0
         if not self.strategy.uses_teacher and not use_pseudo:
             n_unl = 0  # supervised without pseudo-labels: unlabeled crops would not be used
-        if use_pseudo and self.first_pseudo_step is None:
-            self.first_pseudo_step = self.step
-        # A round's randomness (crops, augmentation, consistency noise) is a function of the seed and the step
-        # it starts at, not of what this process drew before: a round redone after a restart from its
-        # checkpoint draws exactly what the run without the fault drew (same weights, same metrics).
-        self.rng = np.random.default_rng([self.cfg.seed, self.step])
-        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        if use_pseudo:
+            self.term.begin(self.step)
+        self._seed_round()
         self.student.train()
         self.teacher.train()
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        pseudo_loss = PSEUDO_LABEL_LOSSES[pl_cfg.loss]
-        params = [p for p in self.student.parameters() if p.requires_grad]
         # a plain line every progress_seconds: iterations/s and ETA (a slow round must not look like a hang)
         progress = Progress(f"training (step {self.step})", iterations, "it", log, every_s=t.progress_seconds)
         for i in range(iterations):
             measure = (self.step + 1) % t.log_every == 0 or i == iterations - 1
-            terms: dict[str, torch.Tensor] = {}
-            xl, yl, _ = self._batch(labeled, t.labeled_batch_size, None, labeled=True)
-            if n_unl:
-                xu, yu, wu = self._batch(unlabeled, n_unl, pseudo if use_pseudo else None, labeled=False)
-                logits = self.student(torch.cat([xl, xu]))
-                logits_l, logits_u = logits[: len(xl)], logits[len(xl):]
-            else:
-                logits_l = self.student(xl)
-            sup = ce_dice_loss(logits_l, yl)
-            loss = sup
-            logs = {"sup": sup.item()}
-            if n_unl and self.strategy.uses_teacher:
-                cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher)
-                loss = loss + cons
-                terms["consistency_grad_share"] = cons
-                logs.update(extra)
-            if n_unl and use_pseudo:
-                if pl_cfg.min_teacher_agreement > 0:
-                    with torch.no_grad():
-                        agree = _foreground_dice(self.teacher(xu).argmax(1), yu)
-                    keep = (agree >= pl_cfg.min_teacher_agreement).float()
-                    wu = wu * keep.view(-1, *([1] * (wu.dim() - 1)))
-                    logs["pl_kept"] = float(keep.mean())
-                w_pl = self.pseudo_label_weight()
-                if float(wu.sum()) > 0:
-                    pl_loss = pseudo_loss(logits_u, yu, wu)
-                    loss = loss + w_pl * pl_loss
-                    terms["pseudo_grad_share"] = w_pl * pl_loss
-                    logs["pseudo"] = pl_loss.item()
-                logs["pseudo_weight"] = w_pl
-            if measure and terms:
-                sup_norm = max(_grad_norm(sup, params), 1e-12)
-                for key, term in terms.items():
-                    logs[key] = _grad_norm(term, params) / sup_norm
-            logs["loss"] = loss.item()
-            _check_finite(logs, self.step + 1)  # before the step: the weights stay those of the last good step
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            self._ema_update()
+            logs = self._step(labeled, unlabeled if n_unl else [], n_unl, pseudo if use_pseudo else None, measure)
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -255,12 +187,59 @@ class SpecialistTrainer:
                 if self.on_log is not None:
                     self.on_log(self.step, logs)
             progress.advance(1, extra=f"loss {logs['loss']:.4f}")
+        self._check_weights()
+        return {k: v / counts[k] for k, v in totals.items()}
+
+    def _seed_round(self) -> None:
+        """A round's randomness (crops, augmentation, consistency noise) is a function of the seed and the step
+        it starts at, not of what this process drew before: a round redone after a restart from its
+        checkpoint draws exactly what the run without the fault drew (same weights, same metrics)."""
+        self.rng = np.random.default_rng([self.cfg.seed, self.step])
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+
+    def _step(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume], n_unl: int,
+              pseudo: dict[str, PseudoLabel] | None, measure: bool) -> dict[str, float]:
+        """One iteration: the two-stream batch, the losses (see the module docstring), the optimizer step and
+        the teacher's EMA update. ``measure``: also the gradient share of each unlabeled term."""
+        t = self.cfg.train
+        xl, yl, _ = self._batch(labeled, t.labeled_batch_size, None, labeled=True)
+        if n_unl:
+            xu, yu, wu = self._batch(unlabeled, n_unl, pseudo, labeled=False)
+            logits = self.student(torch.cat([xl, xu]))
+            logits_l, logits_u = logits[: len(xl)], logits[len(xl):]
+        else:
+            logits_l = self.student(xl)
+        sup = ce_dice_loss(logits_l, yl)
+        loss, logs, terms = sup, {"sup": sup.item()}, {}
+        if n_unl and self.strategy.uses_teacher:
+            cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher)
+            loss = loss + cons
+            terms["consistency_grad_share"] = cons
+            logs.update(extra)
+        if n_unl and pseudo:
+            term, extra = self.term.loss(logits_u, yu, wu, xu, self.teacher, self.step)
+            if term is not None:
+                loss = loss + term
+                terms["pseudo_grad_share"] = term
+            logs.update(extra)
+        if measure and terms:  # two extra backward passes, on these iterations only
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            sup_norm = max(_grad_norm(sup, params), 1e-12)
+            logs.update({key: _grad_norm(term, params) / sup_norm for key, term in terms.items()})
+        logs["loss"] = loss.item()
+        _check_finite(logs, self.step + 1)  # before the step: the weights stay those of the last good step
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self._ema_update()
+        return logs
+
+    def _check_weights(self) -> None:
+        """After a round: every weight of student and teacher is finite, else NonFiniteError (nothing published)."""
         for name, net in (("student", self.student), ("teacher", self.teacher)):
             bad = next((n for n, p in net.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()), None)
             if bad is not None:
                 raise NonFiniteError(f"training stopped at step {self.step}: the {name}'s {bad} holds non-finite "
                                      "values; nothing is published, the last good checkpoint is kept. Lower "
                                      "train.lr or check the data (NaN voxels)")
-        # a key missing from some iterations (e.g. 'pseudo' when a batch was gated out) is averaged over
-        # the iterations that had it
-        return {k: v / counts[k] for k, v in totals.items()}

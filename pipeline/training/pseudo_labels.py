@@ -4,11 +4,34 @@ ensemble's certainty."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.store import PseudoLabelStore
-from pipeline.training.loop import PseudoLabel
+
+
+@dataclass
+class PseudoLabel:
+    """Stored generalist masks of an unlabeled case, in the volume's axis order.
+
+    labels uint8 (X, Y, Z); slice_weight float32 (S,) along ``slice_axis``: 1 keeps a slice, 0 drops it
+    (gating by generalist score, decided when the pseudo-labels are loaded); voxel_weight float32 (X, Y, Z)
+    in [0, 1] or None: per-voxel weights (the consensus gate's 0/1, the prompt ensemble's certainty),
+    multiplied with the slice weight.
+    """
+
+    labels: np.ndarray
+    slice_weight: np.ndarray
+    voxel_weight: np.ndarray | None = None
+
+    def weight(self, shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
+        """float32 ``shape`` (the volume's): slice weight broadcast along ``slice_axis``, times voxel weight."""
+        view = [1, 1, 1]
+        view[slice_axis] = -1
+        w = np.broadcast_to(self.slice_weight.reshape(view).astype(np.float32), shape)
+        return w if self.voxel_weight is None else w * self.voxel_weight
 
 
 def slice_scores(scores: np.ndarray) -> np.ndarray:

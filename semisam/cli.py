@@ -30,8 +30,8 @@ def _out(text: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.coordinator import run
     from pipeline.reports import rounds_table
+    from semisam.launch import run
 
     cfg = load_config(args.config, args.overrides)
     try:

@@ -1,0 +1,7 @@
+"""``python -m semisam``: the ``semisam`` command."""
+
+import sys
+
+from semisam.cli import main
+
+sys.exit(main())
