@@ -32,7 +32,7 @@ def inspect_frame(store_root: Path) -> pd.DataFrame:
         return pd.DataFrame()
     ddf = open_manifest(store_root)
     ensemble_cols = [c for c in ("ensemble", "fg_uncertainty") if c in ddf.columns]  # absent in older stores
-    m = ddf[["round", "case_id", "num_prompts", "score_mean", "pseudo_fg_fraction", "specialist_fg_fraction",
+    m = ddf[["round", "case_id", "slice", "num_prompts", "score_mean", "pseudo_fg_fraction", "specialist_fg_fraction",
              "agreement_dice", "embedding_cached", "generalist", *ensemble_cols]].compute()
     rows = []
     for r, g in m.groupby("round"):
