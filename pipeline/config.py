@@ -346,9 +346,20 @@ class SamConfig(_Strict):
     window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
     """Intensity window of a slice mapped to 0..255 (per slice, robust to MR outliers)."""
     embed_batch_size: int = Field(default=8, ge=1)
-    """Slices per image-encoder call."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype of the encoder and decoder (fp32: none)."""
+    """Slices preprocessed together and, with the eager encoder, per image-encoder call. The compiled
+    encoder takes one slice per call (one static graph; on a 2-core CPU a batch of 4-16 is no faster per
+    slice: ``benchmarks/generalist_speed.py``)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype of the image encoder (fp32: none; the decoder always runs fp32). auto: bf16 on a
+    CPU with native bf16 dot products (avx512_bf16 or AMX) for every variant but tiny; fp32 on CUDA, on
+    other CPUs and for tiny. On 2 Zen 5 cores LiteMedSAM's masks in bf16 agree with fp32 at Dice >= 0.99
+    (docs/benchmarks.md, issue 19)."""
+    encoder_backend: Literal["auto", "eager", "compile"] = "auto"
+    """How the image encoder runs. eager: plain PyTorch. compile: ``torch.compile`` (inductor, weights
+    frozen into the graph; needs a C++ compiler on a CPU; compiles once per process, 10-60 s, and falls back
+    to eager with a warning if compiling fails). auto: compile on a CPU for every variant but tiny (the
+    test model, where compiling costs more than it saves), eager on CUDA (the behaviour before issue 19).
+    LiteMedSAM on 2 CPU cores: about 0.2 s a slice compiled in bf16 vs 2.3 s eager fp32."""
 
     @model_validator(mode="after")
     def _lite_medsam_preprocessing(self) -> SamConfig:

@@ -30,6 +30,7 @@ from pipeline.errors import CheckpointError
 from pipeline.generalist import lite_medsam
 from pipeline.generalist.base import DecodeResult, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache, cache_key
+from pipeline.generalist.encoder_runtime import EncoderRunner, resolve_sam_config
 from pipeline.generalist.windowing import window_to_uint8
 from pipeline.storage import Location, file_sha256
 
@@ -222,10 +223,17 @@ def image_size_of(cfg: SamConfig) -> int:
 def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int, cache_dtype: str) -> dict:
     """Everything that decides the bytes of a cached embedding, as a JSON-able dict (the cache key's inputs).
 
+    ``cfg`` must be resolved for its device (``resolve_sam_config``: no ``auto`` precision or backend), so
+    that a CPU's bf16 embeddings and a GPU's fp32 ones never share a key. The backend is in the key too:
+    compiled and eager bf16 round differently, by more than the float16 cache dtype hides.
     Left out on purpose: ``embed_batch_size`` (how slices are grouped, not what is computed) and the
-    device (CPU and GPU give the same embedding up to float rounding, far below the float16 cache dtype).
-    The image itself is hashed per case by the cache (``pipeline.generalist.cache``).
+    device (CPU and GPU at one precision give the same embedding up to float rounding, far below the
+    float16 cache dtype). The image itself is hashed per case by the cache (``pipeline.generalist.cache``).
     """
+    if "auto" in (cfg.precision, cfg.encoder_backend):
+        raise ValueError("embedding_key_fields needs a SamConfig resolved for its device "
+                         "(pipeline.generalist.encoder_runtime.resolve_sam_config): precision "
+                         f"{cfg.precision!r}, encoder_backend {cfg.encoder_backend!r}")
     return {
         "generalist": "sam",
         "embed_version": EMBED_VERSION,
@@ -237,6 +245,7 @@ def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int
         "pixel_std": [float(v) for v in cfg.pixel_std],
         "window_percentiles": [float(v) for v in cfg.window_percentiles],
         "precision": cfg.precision,
+        "encoder_backend": cfg.encoder_backend,
         "slice_axis": int(slice_axis),
         "cache_dtype": str(cache_dtype),
     }
@@ -244,18 +253,22 @@ def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int
 
 def sam_embedding_cache(root: str | Location, cfg: SamConfig, slice_axis: int, cache_dtype: str) -> EmbeddingCache:
     """The embedding cache under ``root`` for this checkpoint (its bytes hashed here: call once per actor)
-    and these preprocessing settings; its key group's attrs hold ``embedding_key_fields``."""
+    and these preprocessing settings (``cfg`` resolved for the device: ``SamGeneralist.cfg``); its key
+    group's attrs hold ``embedding_key_fields``."""
     fields = embedding_key_fields(cfg, checkpoint_sha256(cfg), slice_axis, cache_dtype)
     return EmbeddingCache(root, cache_key(fields), cache_dtype, key_fields=fields)
 
 
 class SamGeneralist:
-    """Embed slices with SAM's image encoder; decode prompts with its prompt encoder and mask decoder."""
+    """Embed slices with SAM's image encoder; decode prompts with its prompt encoder and mask decoder.
+
+    ``cfg`` is kept resolved for ``device`` (``precision`` and ``encoder_backend`` without ``auto``)."""
 
     cacheable = True
 
     def __init__(self, sam: Sam, cfg: SamConfig, device: torch.device):
-        self.sam, self.cfg, self.device = sam, cfg, device
+        self.sam, self.cfg, self.device = sam, resolve_sam_config(cfg, device), device
+        self.encoder = EncoderRunner(sam.image_encoder, device, self.cfg.precision, self.cfg.encoder_backend)
         self.name = sam_name(cfg)
         self.image_size = sam.image_encoder.img_size
         self.encoder_calls = 0  # images through the image encoder (benchmarks count these)
@@ -274,12 +287,6 @@ class SamGeneralist:
         h, w = slice_shape
         ih, iw = self.input_size(slice_shape)
         return np.array([iw / w, ih / h], dtype=np.float32)
-
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     # -- the costly step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -300,8 +307,7 @@ class SamGeneralist:
             else:
                 x = (x - self.sam.pixel_mean) / self.sam.pixel_std
             x = F.pad(x, (0, self.image_size - size[1], 0, self.image_size - size[0]))
-            with self._autocast():
-                emb = self.sam.image_encoder(x)
+            emb = self.encoder(x)
             self.encoder_calls += len(batch)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
