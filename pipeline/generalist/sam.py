@@ -197,7 +197,10 @@ def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise _mismatch(cfg, state, str(e).splitlines()[0]) from None
-    return sam.to(device)
+    # eval() again after loading: TinyViT's attention caches its learned biases in a buffer (``ab``) when it
+    # is put in eval mode, so the buffer built before load_state_dict held the initial zeros, not the
+    # checkpoint's biases (until issue 19 LiteMedSAM ran without them: embeddings 18% off)
+    return sam.eval().to(device)
 
 
 def sam_name(cfg: SamConfig) -> str:
@@ -210,7 +213,7 @@ def sam_name(cfg: SamConfig) -> str:
 
 # Bump when SamGeneralist.embed computes something else from the same checkpoint, settings and image
 # (windowing, resizing, normalisation code): it is part of every embedding cache key, so old entries miss.
-EMBED_VERSION = 1
+EMBED_VERSION = 2  # 2: LiteMedSAM's attention biases are the checkpoint's (load_sam)
 
 
 def image_size_of(cfg: SamConfig) -> int:
@@ -289,25 +292,30 @@ class SamGeneralist:
         return np.array([iw / w, ih / h], dtype=np.float32)
 
     # -- the costly step ---------------------------------------------------------------------------
+    def preprocess(self, slices: np.ndarray) -> torch.Tensor:
+        """slices float32 (B, H, W) of one shape -> encoder input float32 (B, 3, S, S) on the device
+        (windowed to 0..255, resized, normalised as ``cfg.preprocess`` says, padded bottom/right)."""
+        lo, hi = self.cfg.window_percentiles
+        size = self.input_size(slices.shape[1:])
+        grey = np.stack([window_to_uint8(s, (lo, hi)) for s in slices]).astype(np.float32)
+        x = torch.from_numpy(grey)[:, None].to(self.device)
+        x = F.interpolate(x, size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        if self.cfg.preprocess in ("medsam", "litemedsam"):
+            mn = x.amin(dim=(1, 2, 3), keepdim=True)
+            mx = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - mn) / (mx - mn).clamp_min(1e-8)
+        else:
+            x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        return F.pad(x, (0, self.image_size - size[1], 0, self.image_size - size[0]))
+
     @torch.inference_mode()
     def embed(self, slices: np.ndarray) -> np.ndarray:
-        """slices float32 (B, H, W) -> embeddings float32 (B, C, E, E)."""
+        """slices float32 (B, H, W) -> embeddings float32 (B, C, E, E), ``embed_batch_size`` slices at a
+        time through ``self.encoder`` (the resolved precision and backend)."""
         out = []
-        lo, hi = self.cfg.window_percentiles
         for start in range(0, len(slices), self.cfg.embed_batch_size):
             batch = slices[start:start + self.cfg.embed_batch_size]
-            size = self.input_size(batch.shape[1:])
-            grey = np.stack([window_to_uint8(s, (lo, hi)) for s in batch]).astype(np.float32)
-            x = torch.from_numpy(grey)[:, None].to(self.device)
-            x = F.interpolate(x, size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-            if self.cfg.preprocess in ("medsam", "litemedsam"):
-                mn = x.amin(dim=(1, 2, 3), keepdim=True)
-                mx = x.amax(dim=(1, 2, 3), keepdim=True)
-                x = (x - mn) / (mx - mn).clamp_min(1e-8)
-            else:
-                x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-            x = F.pad(x, (0, self.image_size - size[1], 0, self.image_size - size[0]))
-            emb = self.encoder(x)
+            emb = self.encoder(self.preprocess(batch))
             self.encoder_calls += len(batch)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
