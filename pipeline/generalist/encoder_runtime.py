@@ -62,7 +62,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-class _UnderAutocast(torch.nn.Module):
+class UnderAutocast(torch.nn.Module):
     """The encoder's forward inside its autocast context, so that ``torch.compile`` traces the casts."""
 
     def __init__(self, encoder: torch.nn.Module, device: torch.device, precision: str):
@@ -87,7 +87,7 @@ class EncoderRunner:
     def __init__(self, encoder: torch.nn.Module, device: torch.device, precision: str, backend: str):
         if precision == "auto" or backend == "auto":
             raise ValueError("EncoderRunner takes a resolved precision and backend (resolve_sam_config)")
-        self.eager = _UnderAutocast(encoder, device, precision)
+        self.eager = UnderAutocast(encoder, device, precision)
         self.backend = backend
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         if backend == "compile":
