@@ -262,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=None, help="slices for the timing and agreement (default 100)")
     p.add_argument("--no-runtimes", action="store_true", help="leave out ONNX Runtime and OpenVINO")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="only draw the saved results as a PNG here (e.g. docs/figures/generalist_speed.png)")
     args = p.parse_args(argv)
+    if args.figure is not None:
+        figure(OUT, args.figure)
+        return 0
     setup_logging(args.verbose, log)
     torch.set_num_threads(THREADS)
     n = args.slices or (12 if args.quick else 100)
@@ -311,6 +316,29 @@ def write(argv: list[str] | None, rows: list[dict], batching: list[dict], chosen
                       "chosen_dice_vs_eager_fp32": {"mean": c.get("dice_vs_eager_fp32_mean"),
                                                     "min": c.get("dice_vs_eager_fp32_min")},
                       "goal_0.3_s_met": c.get("s_per_slice") is not None and c["s_per_slice"] <= 0.3}))
+
+
+def figure(results_json: Path, png: Path) -> None:
+    """Seconds per slice of every path (median, and min as a tick), the 0.3 s goal as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = json.loads(Path(results_json).read_text())
+    rows = sorted(r["paths"], key=lambda row: row["s_per_slice"])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    y = np.arange(len(rows))
+    ax.barh(y, [row["s_per_slice"] for row in rows], color=["C1" if row["path"] == r["chosen_path"] else "C0"
+                                                             for row in rows])
+    ax.plot([row["min_s_per_slice"] for row in rows], y, "k|", markersize=10, label="min")
+    ax.axvline(0.3, color="C3", linestyle="--", label="goal 0.3 s")
+    ax.set_yticks(y, [f"{row['path']} (Dice {row['dice_vs_eager_fp32_mean']:.3f})" for row in rows])
+    ax.set_xlabel(f"LiteMedSAM encoder: s per slice, median of {r['slices']} ({r['threads']} threads)")
+    ax.set_title(f"{r['machine']['cpu_model']} ({r['date'][:10]}); orange: the CPU default", fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":

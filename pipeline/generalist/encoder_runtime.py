@@ -5,7 +5,8 @@ On a CPU the image encoder is nearly all of a relabel round's time (LiteMedSAM's
 memory-bound elementwise ops (batch norm, GELU, the casts autocast inserts, window reshapes) between the
 matrix products. ``torch.compile`` with frozen weights fuses those ops, folds batch norm into the
 convolutions and prepacks the weights for oneDNN; with bf16 on a CPU with native bf16 dot products that
-is about 10x eager fp32 on 2 cores (issue 19; ``benchmarks/generalist_speed.py``, docs/benchmarks.md).
+is 3x eager fp32 on 2 Zen 5 cores, 0.26 s a slice (issue 19; ``benchmarks/generalist_speed.py``,
+docs/benchmarks.md, which also measures channels_last, ONNX Runtime and OpenVINO).
 
 ``SamConfig.precision`` and ``SamConfig.encoder_backend`` default to ``auto``, resolved here against the
 device once (``resolve_sam_config``): a CPU gets the fast path, CUDA keeps eager fp32, and the test model
