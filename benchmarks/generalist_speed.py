@@ -334,7 +334,7 @@ def figure(results_json: Path, png: Path) -> None:
     ax.plot([row["min_s_per_slice"] for row in rows], y, "k|", markersize=10, label="min")
     ax.axvline(0.3, color="C3", linestyle="--", label="goal 0.3 s")
     ax.set_yticks(y, [f"{row['path']} (Dice {row['dice_vs_eager_fp32_mean']:.3f})" for row in rows])
-    ax.set_xlabel(f"LiteMedSAM encoder: s per slice, median of {r['slices']} ({r['threads']} threads)")
+    ax.set_xlabel(f"s per slice (median of {r['slices']}, {r['threads']} threads)")
     ax.set_title(f"{r['machine']['cpu_model']} ({r['date'][:10]}); orange: the CPU default", fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
