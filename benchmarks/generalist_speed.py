@@ -5,9 +5,11 @@
 Paths: eager fp32 (the reference), bf16 autocast, bf16 weights (``model.to(torch.bfloat16)``),
 channels_last (fp32, bf16), int8 dynamic quantisation of the Linear layers, ``torch.compile`` with frozen
 weights (fp32, bf16; the library's ``encoder_backend: compile``), ONNX Runtime and OpenVINO (fp32, bf16)
-when importable. Slices: real ACDC slices of test.list (../shared/data/acdc) with at least one label box,
-in order; 100 (``--quick``: 12). Each slice goes through every path in turn (the order rotates per slice,
-so a load from another process falls on every path alike); the per-slice times give medians. Every path's
+when importable (optional, not project dependencies: ``pip install onnx onnxruntime openvino``).
+Slices: real ACDC slices of test.list (../shared/data/acdc) with at least one label box, in order; 100
+(``--quick``: 12; ``--quick`` also leaves out channels_last bf16). Each slice goes through every path in
+turn (the order rotates per slice, so a load from another process falls on every path alike); the
+per-slice times give medians. Every path's
 embedding is decoded with the same fp32 decoder on the label boxes (every class with >= 4 pixels, as
 ``lite_medsam_precision.py``) and its masks are compared with eager fp32's (Dice per box).
 
@@ -159,8 +161,12 @@ def runtime_paths(encoder: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = str(Path(tmp) / "encoder.onnx")
         t = time.perf_counter()
-        torch.onnx.export(encoder, (x,), onnx_path, input_names=["x"], output_names=["y"], dynamo=False,
-                          opset_version=17)
+        try:
+            torch.onnx.export(encoder, (x,), onnx_path, input_names=["x"], output_names=["y"], dynamo=False,
+                              opset_version=17)
+        except Exception as e:  # noqa: BLE001 - e.g. the onnx package missing: the runtimes are left out
+            log.warning("ONNX export failed (%s); ONNX Runtime and OpenVINO are left out", e)
+            return paths, setup
         export_s = time.perf_counter() - t
         try:
             import onnxruntime as ort
