@@ -347,9 +347,21 @@ class SamConfig(_Strict):
     window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
     """Intensity window of a slice mapped to 0..255 (per slice, robust to MR outliers)."""
     embed_batch_size: int = Field(default=8, ge=1)
-    """Slices per image-encoder call."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype of the encoder and decoder (fp32: none)."""
+    """Slices preprocessed together and, with the eager encoder, per image-encoder call. The compiled
+    encoder takes one slice per call (one static graph; on 2 CPU cores a batch of 4-16 is no faster per
+    slice, eager bf16 is 2-3x slower per slice: ``benchmarks/generalist_speed.py``)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype of the image encoder (fp32: none; the decoder always runs fp32). auto: bf16 on a
+    CPU with native bf16 dot products (avx512_bf16 or AMX) for every variant but tiny; fp32 on CUDA, on
+    other CPUs and for tiny. On 2 Zen 5 cores LiteMedSAM's bf16 masks agree with fp32's at Dice 0.997-0.998
+    (100 ACDC slices, 283 boxes; docs/benchmarks.md, issue 19)."""
+    encoder_backend: Literal["auto", "eager", "compile"] = "auto"
+    """How the image encoder runs. eager: plain PyTorch. compile: ``torch.compile`` (inductor, weights
+    frozen into the graph; needs a C++ compiler on a CPU; compiles once per process, 10-60 s, and falls back
+    to eager with a warning if compiling fails). auto: compile on a CPU for every variant but tiny (the
+    test model, where compiling costs more than it saves), eager on CUDA (the behaviour before issue 19).
+    LiteMedSAM on 2 Zen 5 cores (100 ACDC slices): 0.26 s a slice compiled in bf16 vs 0.77 s eager fp32,
+    masks Dice 0.998 against eager fp32's (docs/benchmarks.md, issue 19)."""
 
     @model_validator(mode="after")
     def _lite_medsam_preprocessing(self) -> SamConfig:

@@ -24,6 +24,7 @@ import zarr
 from pipeline.config import SamConfig, config_from_dict, load_config
 from pipeline.errors import StoreError
 from pipeline.generalist.cache import NAME_HEX, EmbeddingCache, cache_key, image_sha256
+from pipeline.generalist.encoder_runtime import resolve_sam_config
 from pipeline.generalist.sam import (
     SamGeneralist,
     embedding_key_fields,
@@ -53,7 +54,8 @@ def _volume(seed: int = 3, s: int = 3) -> np.ndarray:
 
 def _sam(checkpoint: Path, **cfg) -> tuple[SamGeneralist, SamConfig]:
     sam_cfg = SamConfig(variant="tiny", checkpoint=str(checkpoint), **cfg)
-    return SamGeneralist(load_sam(sam_cfg, CPU), sam_cfg, CPU), sam_cfg
+    gen = SamGeneralist(load_sam(sam_cfg, CPU), sam_cfg, CPU)
+    return gen, gen.cfg  # resolved for the CPU, as the cache key needs
 
 
 def _as_stored(x: np.ndarray) -> np.ndarray:
@@ -136,13 +138,15 @@ def test_another_checkpoint_file_misses(tmp_path, tiny_sam_checkpoint):
 
 # -- (c) every preprocessing field --------------------------------------------------------------------------
 CHANGED = {
-    "variant": ("sam", {"variant": "vit_b", "image_size": 64}),  # same input size: only the variant differs
+    # same input size and (pinned) precision and backend: only the variant differs
+    "variant": ("sam", {"variant": "vit_b", "image_size": 64, "precision": "fp32", "encoder_backend": "eager"}),
     "image_size": ("sam", {"image_size": 128}),
     "preprocess": ("sam", {"preprocess": "medsam"}),
     "pixel_mean": ("sam", {"pixel_mean": [120.0, 116.28, 103.53]}),
     "pixel_std": ("sam", {"pixel_std": [58.395, 57.12, 50.0]}),
     "window_percentiles": ("sam", {"window_percentiles": [1.0, 99.0]}),
     "precision": ("sam", {"precision": "bf16"}),
+    "encoder_backend": ("sam", {"encoder_backend": "compile"}),  # tiny resolves to eager on a CPU
     "checkpoint_sha256": ("arg", {"checkpoint_sha256": "f" * 64}),
     "slice_axis": ("arg", {"slice_axis": 2}),
     "cache_dtype": ("arg", {"cache_dtype": "float32"}),
@@ -152,7 +156,7 @@ BASE_ARGS = {"checkpoint_sha256": "0" * 64, "slice_axis": 0, "cache_dtype": "flo
 
 def _fields(sam_changes: dict | None = None, arg_changes: dict | None = None) -> dict:
     cfg = SamConfig(**{"variant": "tiny", "checkpoint": "unused.pt", **(sam_changes or {})})
-    return embedding_key_fields(cfg, **{**BASE_ARGS, **(arg_changes or {})})
+    return embedding_key_fields(resolve_sam_config(cfg, CPU), **{**BASE_ARGS, **(arg_changes or {})})
 
 
 @pytest.mark.parametrize("field", sorted(CHANGED))
@@ -180,6 +184,13 @@ def test_every_sam_setting_is_in_the_key_or_left_out_on_purpose():
     # settings that mean the same embedding give the same key
     assert _fields({"image_size": 64}) == _fields()  # tiny's own size, spelt out
     assert _fields({"embed_batch_size": 1}) == _fields()
+    assert _fields({"precision": "fp32", "encoder_backend": "eager"}) == _fields()  # tiny's auto on a CPU
+
+
+def test_the_key_refuses_an_unresolved_config():
+    """auto means bf16 on one machine and fp32 on another: the key must hold what actually ran."""
+    with pytest.raises(ValueError, match="resolve_sam_config"):
+        embedding_key_fields(SamConfig(variant="tiny"), **BASE_ARGS)
 
 
 # -- (d) a changed image -----------------------------------------------------------------------------------

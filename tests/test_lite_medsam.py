@@ -5,7 +5,9 @@ from the ground truth, and the refusals of a wrong or damaged checkpoint or a mi
 The Dice floors were measured on these same slices (2026-11-29, this 2-core machine, fp32) and sit about
 0.06 below what was measured, so that a broken preprocessing, box frame or weight load fails them:
 ACDC, the first 2 test.list volumes: RV 0.882, MYO 0.030, LV 0.963; hippocampus, the 8 middle slices of
-the first 3 test cases of splits.json: anterior 0.728, posterior 0.617.
+the first 3 test cases of splits.json: anterior 0.728, posterior 0.617. With the checkpoint's attention
+biases (issue 19's fix in ``load_sam``) and this CPU's default compiled bf16 encoder (2026-11-30): RV 0.915,
+MYO 0.028, LV 0.968; anterior 0.752, posterior 0.713 (the floors were kept).
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ def test_packaged_weights_are_pinned_and_load_into_segment_anything_classes(lite
     # the embedding of a 256 x 216 slice: 256 x 64 x 64, the slice resized by its longest side
     assert lite.input_size((256, 216)) == (256, 216)
     assert lite.input_size((50, 35)) == (256, 179)
+    # TinyViT caches its attention biases in eval mode: the cache must hold the checkpoint's, not the
+    # initial zeros (before issue 19 it did not, and every embedding was 18% off)
+    attn = [m for m in sam.image_encoder.modules() if hasattr(m, "attention_bias_idxs")]
+    assert len(attn) == 10
+    for m in attn:
+        torch.testing.assert_close(m.ab, m.attention_biases[:, m.attention_bias_idxs])
+    assert max(float(m.ab.abs().max()) for m in attn) > 0.5
+    # this CPU's default: compiled bf16 where the CPU has native bf16, compiled fp32 otherwise
+    assert lite.cfg.encoder_backend == "compile" and lite.cfg.precision in ("bf16", "fp32")
 
 
 @pytest.mark.shared_data

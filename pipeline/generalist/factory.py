@@ -66,4 +66,5 @@ def embedding_cache(cfg: RunConfig, generalist: Generalist) -> EmbeddingCache | 
     from pipeline.generalist.sam import sam_embedding_cache  # only SAM is cacheable
 
     root = Location.of(g.cache_dir, cfg.storage_options) if g.cache_dir else RunFolder(cfg.run_dir).embeddings
-    return sam_embedding_cache(root, g.sam, cfg.data.slice_axis, g.cache_dtype)
+    # the generalist's own config: precision and backend resolved for its device (part of the key)
+    return sam_embedding_cache(root, generalist.cfg, cfg.data.slice_axis, g.cache_dtype)

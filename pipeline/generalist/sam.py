@@ -30,6 +30,7 @@ from pipeline.errors import CheckpointError
 from pipeline.generalist import lite_medsam
 from pipeline.generalist.base import DecodeResult, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache, cache_key
+from pipeline.generalist.encoder_runtime import EncoderRunner, resolve_sam_config
 from pipeline.generalist.windowing import window_to_uint8
 from pipeline.storage import Location, file_sha256
 
@@ -196,7 +197,10 @@ def load_sam(cfg: SamConfig, device: torch.device) -> Sam:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise _mismatch(cfg, state, str(e).splitlines()[0]) from None
-    return sam.to(device)
+    # eval() again after loading: TinyViT's attention caches its learned biases in a buffer (``ab``) when it
+    # is put in eval mode, so the buffer built before load_state_dict held the initial zeros, not the
+    # checkpoint's biases (until issue 19 LiteMedSAM ran without them: embeddings 18% off)
+    return sam.eval().to(device)
 
 
 def sam_name(cfg: SamConfig) -> str:
@@ -209,7 +213,7 @@ def sam_name(cfg: SamConfig) -> str:
 
 # Bump when SamGeneralist.embed computes something else from the same checkpoint, settings and image
 # (windowing, resizing, normalisation code): it is part of every embedding cache key, so old entries miss.
-EMBED_VERSION = 1
+EMBED_VERSION = 2  # 2: LiteMedSAM's attention biases are the checkpoint's (load_sam)
 
 
 def image_size_of(cfg: SamConfig) -> int:
@@ -222,10 +226,17 @@ def image_size_of(cfg: SamConfig) -> int:
 def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int, cache_dtype: str) -> dict:
     """Everything that decides the bytes of a cached embedding, as a JSON-able dict (the cache key's inputs).
 
+    ``cfg`` must be resolved for its device (``resolve_sam_config``: no ``auto`` precision or backend), so
+    that a CPU's bf16 embeddings and a GPU's fp32 ones never share a key. The backend is in the key too:
+    compiled and eager bf16 round differently, by more than the float16 cache dtype hides.
     Left out on purpose: ``embed_batch_size`` (how slices are grouped, not what is computed) and the
-    device (CPU and GPU give the same embedding up to float rounding, far below the float16 cache dtype).
-    The image itself is hashed per case by the cache (``pipeline.generalist.cache``).
+    device (CPU and GPU at one precision give the same embedding up to float rounding, far below the
+    float16 cache dtype). The image itself is hashed per case by the cache (``pipeline.generalist.cache``).
     """
+    if "auto" in (cfg.precision, cfg.encoder_backend):
+        raise ValueError("embedding_key_fields needs a SamConfig resolved for its device "
+                         "(pipeline.generalist.encoder_runtime.resolve_sam_config): precision "
+                         f"{cfg.precision!r}, encoder_backend {cfg.encoder_backend!r}")
     return {
         "generalist": "sam",
         "embed_version": EMBED_VERSION,
@@ -237,6 +248,7 @@ def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int
         "pixel_std": [float(v) for v in cfg.pixel_std],
         "window_percentiles": [float(v) for v in cfg.window_percentiles],
         "precision": cfg.precision,
+        "encoder_backend": cfg.encoder_backend,
         "slice_axis": int(slice_axis),
         "cache_dtype": str(cache_dtype),
     }
@@ -244,18 +256,22 @@ def embedding_key_fields(cfg: SamConfig, checkpoint_sha256: str, slice_axis: int
 
 def sam_embedding_cache(root: str | Location, cfg: SamConfig, slice_axis: int, cache_dtype: str) -> EmbeddingCache:
     """The embedding cache under ``root`` for this checkpoint (its bytes hashed here: call once per actor)
-    and these preprocessing settings; its key group's attrs hold ``embedding_key_fields``."""
+    and these preprocessing settings (``cfg`` resolved for the device: ``SamGeneralist.cfg``); its key
+    group's attrs hold ``embedding_key_fields``."""
     fields = embedding_key_fields(cfg, checkpoint_sha256(cfg), slice_axis, cache_dtype)
     return EmbeddingCache(root, cache_key(fields), cache_dtype, key_fields=fields)
 
 
 class SamGeneralist:
-    """Embed slices with SAM's image encoder; decode prompts with its prompt encoder and mask decoder."""
+    """Embed slices with SAM's image encoder; decode prompts with its prompt encoder and mask decoder.
+
+    ``cfg`` is kept resolved for ``device`` (``precision`` and ``encoder_backend`` without ``auto``)."""
 
     cacheable = True
 
     def __init__(self, sam: Sam, cfg: SamConfig, device: torch.device):
-        self.sam, self.cfg, self.device = sam, cfg, device
+        self.sam, self.cfg, self.device = sam, resolve_sam_config(cfg, device), device
+        self.encoder = EncoderRunner(sam.image_encoder, device, self.cfg.precision, self.cfg.encoder_backend)
         self.name = sam_name(cfg)
         self.image_size = sam.image_encoder.img_size
         self.encoder_calls = 0  # images through the image encoder (benchmarks count these)
@@ -275,33 +291,31 @@ class SamGeneralist:
         ih, iw = self.input_size(slice_shape)
         return np.array([iw / w, ih / h], dtype=np.float32)
 
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     # -- the costly step ---------------------------------------------------------------------------
+    def preprocess(self, slices: np.ndarray) -> torch.Tensor:
+        """slices float32 (B, H, W) of one shape -> encoder input float32 (B, 3, S, S) on the device
+        (windowed to 0..255, resized, normalised as ``cfg.preprocess`` says, padded bottom/right)."""
+        lo, hi = self.cfg.window_percentiles
+        size = self.input_size(slices.shape[1:])
+        grey = np.stack([window_to_uint8(s, (lo, hi)) for s in slices]).astype(np.float32)
+        x = torch.from_numpy(grey)[:, None].to(self.device)
+        x = F.interpolate(x, size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        if self.cfg.preprocess in ("medsam", "litemedsam"):
+            mn = x.amin(dim=(1, 2, 3), keepdim=True)
+            mx = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - mn) / (mx - mn).clamp_min(1e-8)
+        else:
+            x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        return F.pad(x, (0, self.image_size - size[1], 0, self.image_size - size[0]))
+
     @torch.inference_mode()
     def embed(self, slices: np.ndarray) -> np.ndarray:
-        """slices float32 (B, H, W) -> embeddings float32 (B, C, E, E)."""
+        """slices float32 (B, H, W) -> embeddings float32 (B, C, E, E), ``embed_batch_size`` slices at a
+        time through ``self.encoder`` (the resolved precision and backend)."""
         out = []
-        lo, hi = self.cfg.window_percentiles
         for start in range(0, len(slices), self.cfg.embed_batch_size):
             batch = slices[start:start + self.cfg.embed_batch_size]
-            size = self.input_size(batch.shape[1:])
-            grey = np.stack([window_to_uint8(s, (lo, hi)) for s in batch]).astype(np.float32)
-            x = torch.from_numpy(grey)[:, None].to(self.device)
-            x = F.interpolate(x, size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-            if self.cfg.preprocess in ("medsam", "litemedsam"):
-                mn = x.amin(dim=(1, 2, 3), keepdim=True)
-                mx = x.amax(dim=(1, 2, 3), keepdim=True)
-                x = (x - mn) / (mx - mn).clamp_min(1e-8)
-            else:
-                x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-            x = F.pad(x, (0, self.image_size - size[1], 0, self.image_size - size[0]))
-            with self._autocast():
-                emb = self.sam.image_encoder(x)
+            emb = self.encoder(self.preprocess(batch))
             self.encoder_calls += len(batch)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
