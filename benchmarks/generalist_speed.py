@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, setup_logging
+from benchmarks.common import ROOT, machine_info, setup_logging
 from pipeline.atomic import atomic_write_text
 from pipeline.config import SamConfig
 from pipeline.generalist.base import SlicePrompt
@@ -45,9 +45,9 @@ from pipeline.generalist.encoder_runtime import EncoderRunner, UnderAutocast
 from pipeline.generalist.sam import SamGeneralist, load_sam
 from pipeline.metrics import dice
 
-ROOT = Path(__file__).resolve().parents[1]
 ACDC = ROOT.parent / "shared" / "data" / "acdc"
 OUT = ROOT / "benchmarks" / "results" / "generalist_speed.json"
+QUICK_OUT = ROOT / "benchmarks" / "results" / "generalist_speed_quick.json"  # --quick never overwrites OUT
 CPU = torch.device("cpu")
 THREADS = 2
 log = logging.getLogger("benchmarks.generalist_speed")
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(argv: list[str] | None, rows: list[dict], batching: list[dict], chosen: str,
           gflops: float, peak: dict, n_slices: int, results: dict) -> None:
-    """The full table to ``OUT``; one JSON line (eager and chosen times, agreement) on stdout."""
+    """The full table to ``OUT`` (``QUICK_OUT`` with ``--quick``, so that the committed 100-slice table stays);
+    one JSON line (eager and chosen times, agreement) on stdout."""
     by = {r["path"]: r for r in rows}
     result = {
         "slices": n_slices, "boxes": len(results["eager fp32"]["dice"]), "threads": THREADS,
@@ -314,7 +315,8 @@ def write(argv: list[str] | None, rows: list[dict], batching: list[dict], chosen
         "command": "python -m benchmarks.generalist_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    atomic_write_text(OUT, json.dumps(result, indent=1))
+    atomic_write_text(QUICK_OUT if n_slices < 100 and "--quick" in result["command"] else OUT,
+                      json.dumps(result, indent=1))
     c = by.get(chosen, {})
     print(json.dumps({"slices": n_slices, "boxes": result["boxes"], "chosen_path": chosen,
                       "eager_fp32_s_per_slice": by["eager fp32"]["s_per_slice"],
