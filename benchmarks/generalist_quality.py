@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     result["set"] = set_name
                     atomic_write_text(out, json.dumps(result, indent=1, default=float))
                     log.info("cell %s: test Dice %.4f", cfg.name, result["final"]["dice"])
-    print(report(args.results, RESULTS / "quality_lite.json"))
+    print(report(args.results, args.results.parent / f"{args.results.name}.json"))  # quality_lite.json by default
     return 0
 
 
