@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import ROOT, machine_info, setup_logging
+from benchmarks.lite_medsam_precision import gt_boxes
 from pipeline.atomic import atomic_write_text
 from pipeline.config import SamConfig
 from pipeline.generalist.base import SlicePrompt
@@ -54,18 +55,6 @@ log = logging.getLogger("benchmarks.generalist_speed")
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 """images float32 (B, 3, 256, 256) -> embeddings (B, 256, 64, 64), any float dtype."""
-
-
-def gt_boxes(label: np.ndarray) -> list[SlicePrompt]:
-    """Box prompts (XYXY, inclusive pixels) of every class 1..3 with >= 4 pixels in ``label`` (H, W)."""
-    out = []
-    for c in (1, 2, 3):
-        m = label == c
-        if m.sum() >= 4:
-            r, cc = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-            out.append(SlicePrompt(c, np.zeros((0, 2), np.float32), np.zeros(0, np.int32),
-                                   np.array([cc[0], r[0], cc[-1], r[-1]], np.float32)))
-    return out
 
 
 def acdc_slices(n: int) -> list[tuple[np.ndarray, list[SlicePrompt]]]:

@@ -238,7 +238,6 @@ class Coordinator:
         round 1) while the pool relabels store ``r`` for round ``r + 1`` (not in the last round)."""
         train_on = r - 1 if r >= 2 else None
         cases = sorted(self.store.completed_cases(train_on)) if train_on is not None else []
-        summary.train = {}
 
         def train(stop) -> None:
             self._train(r, summary, train_on if cases else None, cases or None, reuse_published=True, stop=stop)

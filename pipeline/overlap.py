@@ -36,10 +36,6 @@ class LinkedStop:
     def __init__(self, stop: StopFlag, other_failed: threading.Event, why: str):
         self.stop, self.other_failed, self.why = stop, other_failed, why
 
-    @property
-    def signum(self) -> int | None:
-        return self.stop.signum
-
     def check(self) -> None:
         self.stop.check()
         if self.other_failed.is_set():

@@ -83,6 +83,8 @@ OPTIONAL_COLUMNS: dict[str, object] = {"ensemble": 1, "ensemble_prompts": "[]", 
                                        "fg_uncertainty": float("nan"), "class_source": "{}",
                                        "checkpoint_sha256": ""}
 """Columns added after format 2 was first written, with the value older parts stand for (one prompt set)."""
+DERIVED_COLUMNS: dict[str, str] = {"trained_in_round": "round"}
+"""Optional columns whose missing value is another column's (masks used by their own round's training)."""
 
 
 def round_key(round_index: int) -> str:
@@ -265,7 +267,7 @@ class PseudoLabelStore:
         (reads the parts of those rounds). Without it the caller guarantees the cases are new.
         """
         if isinstance(rows, list):  # a dict missing a key would otherwise become a silent NaN in the frame
-            required = set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS) - {"trained_in_round"}  # default: round
+            required = set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS) - set(DERIVED_COLUMNS)
             for i, row in enumerate(rows):
                 if not required <= set(row) <= set(MANIFEST_COLUMNS):
                     raise StoreError(f"manifest row {i} ({row.get('case_id')!r}, slice {row.get('slice')}) has "
@@ -333,8 +335,9 @@ def read_part(part: Location) -> pd.DataFrame:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    if "trained_in_round" not in df.columns:  # written before it was recorded, or by a caller that does not
-        df = df.assign(trained_in_round=df["round"])  # overlap: used by the round's own training
+    for col, source in DERIVED_COLUMNS.items():  # written before it was recorded, or by a caller that does not
+        if col not in df.columns:
+            df = df.assign(**{col: df[source]})
     for col, default in OPTIONAL_COLUMNS.items():  # parts written before these columns existed
         if col not in df.columns:
             df = df.assign(**{col: default})
