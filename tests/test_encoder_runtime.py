@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from pipeline.config import SamConfig
 from pipeline.generalist import encoder_runtime
 from pipeline.generalist.base import SlicePrompt
-from pipeline.generalist.encoder_runtime import EncoderRunner, resolve_sam_config
-from pipeline.generalist.sam import SamGeneralist, load_sam
+from pipeline.generalist.encoder_runtime import EncoderBackendChanged, EncoderRunner, resolve_sam_config
+from pipeline.generalist.sam import SamGeneralist, load_sam, sam_embedding_cache
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # a device object only: nothing runs on it here
@@ -109,18 +109,41 @@ def test_compiled_bf16_masks_agree_with_eager_fp32(embeddings, tiny_sam_checkpoi
 
 
 # -- when compiling fails -----------------------------------------------------------------------------------
-def test_a_failed_compile_falls_back_to_eager(monkeypatch, tiny_sam_checkpoint, caplog):
-    def broken_compile(module, **kw):
+@pytest.fixture
+def broken_compile(monkeypatch):
+    def compile_(module, **kw):
         def run(x):
             raise RuntimeError("no C++ compiler found\nmore detail")
         return run
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+def test_a_failed_compile_falls_back_to_eager(broken_compile, tiny_sam_checkpoint, caplog):
     g = _gen(tiny_sam_checkpoint, precision="fp32", encoder_backend="compile")
     vol = _slices(2)
     with caplog.at_level(logging.WARNING, logger="pipeline.generalist.encoder_runtime"):
-        out = g.embed(vol)
-    assert g.encoder.backend == "eager"
+        with pytest.raises(EncoderBackendChanged, match="eager"):
+            g.embed(vol)  # the call that found it out returns nothing: its caller keys embeddings by backend
+    assert g.encoder.backend == g.cfg.encoder_backend == "eager"
     assert any("no C++ compiler found" in r.getMessage() for r in caplog.records)
+    out = g.embed(vol)  # and the next call runs eager
     eager = _gen(tiny_sam_checkpoint, precision="fp32", encoder_backend="eager").embed(vol)
     np.testing.assert_allclose(out, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_after_a_failed_compile_the_cache_key_names_eager(broken_compile, tiny_sam_checkpoint, tmp_path):
+    """Eager embeddings never land under the compiled backend's key: the cache stays empty through the
+    failing call, and the cache built after it (as the SAM worker rebuilds it) has the eager key."""
+    g = _gen(tiny_sam_checkpoint, precision="fp32", encoder_backend="compile")
+    compiled = sam_embedding_cache(tmp_path, g.cfg, 0, "float16")
+    vol = _slices(2)
+    with pytest.raises(EncoderBackendChanged):
+        compiled.get("case_a", vol, [0, 1], g.embed)
+    assert not list((tmp_path / compiled.key).glob("case_a/*"))  # nothing stored under the compiled key
+    rebuilt = sam_embedding_cache(tmp_path, g.cfg, 0, "float16")
+    assert rebuilt.key != compiled.key
+    eager_cfg = SamConfig(variant="tiny", checkpoint=str(tiny_sam_checkpoint), precision="fp32", encoder_backend="eager")
+    assert rebuilt.key == sam_embedding_cache(tmp_path, eager_cfg, 0, "float16").key
+    got, cached = rebuilt.get("case_a", vol, [0, 1], g.embed)
+    assert not cached and sorted(got) == [0, 1]

@@ -16,6 +16,7 @@ import torch
 from pipeline.data.dataset import load_image, read_data
 from pipeline.errors import StoreError
 from pipeline.generalist.cache import EmbeddingCache
+from pipeline.generalist.encoder_runtime import EncoderBackendChanged
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.models.unet import build_model
 from pipeline.relabel import relabel_case
@@ -109,9 +110,17 @@ class SamWorker:
 
     def _relabel_case(self, case_id: str, round_index: int, sources: dict[int, str] | None) -> list[dict]:
         image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
-        with torch.inference_mode():
-            out = relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
-                               self.class_ids, round_index, self.version, self.device, sources, self.sha)
+
+        def run():
+            with torch.inference_mode():
+                return relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
+                                    self.class_ids, round_index, self.version, self.device, sources, self.sha)
+
+        try:
+            out = run()
+        except EncoderBackendChanged:  # compiling failed: rebuild the cache under the eager backend's key
+            self._cache = None
+            out = run()
         self.store.write_case(round_index, case_id, out.pseudo_label, out.specialist, out.scores, {
             "checkpoint_version": self.version,
             "checkpoint_sha256": self.sha,

@@ -63,6 +63,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+class EncoderBackendChanged(RuntimeError):
+    """Compiling the encoder failed during this call, and it now runs eager: the embeddings of the call
+    are not returned, because whoever keys them by backend (the embedding cache) must rebuild its key
+    first (``SamGeneralist.cfg`` says ``eager`` from now on). Retrying the call gives eager embeddings."""
+
+
 class UnderAutocast(torch.nn.Module):
     """The encoder's forward inside its autocast context, so that ``torch.compile`` traces the casts."""
 

@@ -30,7 +30,7 @@ from pipeline.errors import CheckpointError
 from pipeline.generalist import lite_medsam
 from pipeline.generalist.base import DecodeResult, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache, cache_key
-from pipeline.generalist.encoder_runtime import EncoderRunner, resolve_sam_config
+from pipeline.generalist.encoder_runtime import EncoderBackendChanged, EncoderRunner, resolve_sam_config
 from pipeline.generalist.windowing import window_to_uint8
 from pipeline.storage import Location, file_sha256
 
@@ -311,12 +311,19 @@ class SamGeneralist:
     @torch.inference_mode()
     def embed(self, slices: np.ndarray) -> np.ndarray:
         """slices float32 (B, H, W) -> embeddings float32 (B, C, E, E), ``embed_batch_size`` slices at a
-        time through ``self.encoder`` (the resolved precision and backend)."""
+        time through ``self.encoder`` (the resolved precision and backend).
+
+        Raises :class:`EncoderBackendChanged` (and ``self.cfg`` says ``eager`` from then on) if compiling
+        failed during this call: the embedding cache's key names the backend, so the caller rebuilds it
+        and calls again rather than store eager embeddings under the compiled key."""
         out = []
         for start in range(0, len(slices), self.cfg.embed_batch_size):
             batch = slices[start:start + self.cfg.embed_batch_size]
             emb = self.encoder(self.preprocess(batch))
             self.encoder_calls += len(batch)
+            if self.encoder.backend != self.cfg.encoder_backend:
+                self.cfg = self.cfg.model_copy(update={"encoder_backend": self.encoder.backend})
+                raise EncoderBackendChanged(f"the SAM image encoder now runs {self.encoder.backend}")
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
 
