@@ -194,6 +194,13 @@ class PseudoLabelConfig(_Strict):
     uncertainty_weighting: bool = False
     """Weight each pseudo-label voxel by the prompt ensemble's agreement, 1 - uncertainty (needs
     prompts.ensemble > 1): voxels where all members agree count fully, disputed ones less."""
+    generalist_voxels_only: bool = False
+    """Gate per voxel: learn only the voxels a class taken from the generalist decides, i.e. where the
+    pseudo-label or the specialist prediction stored with it is such a class (``generalist.class_source``,
+    recorded per case in the manifest). Classes taken from the specialist then add no hard self-training on
+    the specialist's own predictions (the method's consistency term still covers them), and a round with
+    every class from the specialist adds nothing. Without it those classes are learnt as the specialist
+    predicted them, which cost test Dice (docs/benchmarks.md, "The real generalist")."""
 
 
     @property

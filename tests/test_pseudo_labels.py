@@ -1,12 +1,14 @@
-"""Loading stored pseudo-labels for training: volume axis order, the score gate, the consensus gate."""
+"""Loading stored pseudo-labels for training: volume axis order, the score gate, the consensus gate, the
+gate to the voxels that classes taken from the generalist decide."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from pipeline.store import PseudoLabelStore
-from pipeline.training.pseudo_labels import load_pseudo_labels, slice_scores
+from pipeline.store import MANIFEST_COLUMNS, PseudoLabelStore
+from pipeline.training.pseudo_labels import generalist_classes_by_case, load_pseudo_labels, slice_scores
 
 
 @pytest.fixture
@@ -68,3 +70,38 @@ def test_an_empty_mask_never_passes_the_score_gate(tmp_path):
     store.write_case(1, "c1", pl, pl.copy(), scores, {})
     gated = load_pseudo_labels(store, 1, ["c1"], 0, 0.5)["c1"]
     assert gated.slice_weight.tolist() == [1.0, 0.0, 1.0]
+
+
+def _manifest_rows(case_id: str, n_slices: int, class_source: str) -> pd.DataFrame:
+    """Manifest rows of one case in round 1 with this ``class_source`` JSON (the other columns filler)."""
+    filler = {"object": "", "int32": 0, "float64": 0.0, "bool": False}
+    rows = [{c: filler[t] for c, t in MANIFEST_COLUMNS.items()} | {
+        "round": 1, "case_id": case_id, "slice": i, "trained_in_round": 1, "class_source": class_source}
+        for i in range(n_slices)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("class_source", "generalist_classes"), [
+    ('{"1":"generalist","2":"specialist"}', [1]),
+    ('{"1":"specialist","2":"specialist"}', []),
+    ("{}", [1, 2]),  # parts written before per-class sources: every class from the generalist
+])
+def test_generalist_voxels_only_keeps_what_the_generalists_classes_decide(store, class_source, generalist_classes):
+    """Voxels that are a generalist class in the pseudo-label or in the specialist prediction keep their
+    weight; every other voxel (a specialist class's, or background that no generalist class touches) is
+    dropped, so classes taken from the specialist add no self-training on its own prediction."""
+    s, pseudo, specialist = store
+    s.append_manifest(_manifest_rows("case_a", 3, class_source))
+    assert generalist_classes_by_case(s, 1) == {"case_a": generalist_classes}
+    pl = load_pseudo_labels(s, 1, ["case_a"], slice_axis=2, min_score=0.0, generalist_voxels_only=True)["case_a"]
+    decided = np.isin(pseudo, generalist_classes) | np.isin(specialist, generalist_classes)
+    np.testing.assert_array_equal(pl.voxel_weight, np.moveaxis(decided, 0, 2))
+    w = pl.weight(pl.labels.shape, 2)
+    if generalist_classes == [1]:
+        # slice 0: the specialist's 6 class-1 voxels (one of them removed by the generalist) are kept; the
+        # voxel the generalist made class 2 and slice 1's class-2 voxels (a specialist class) are not
+        assert w[..., 0].sum() == 6 and w[1, 1, 0] == 1 and w[3, 4, 0] == 0 and w[..., 1].sum() == 0
+    if not generalist_classes:
+        assert w.sum() == 0  # every class from the specialist: the case adds nothing to the term
+    plain = load_pseudo_labels(s, 1, ["case_a"], slice_axis=2, min_score=0.0)["case_a"]
+    assert plain.voxel_weight is None  # the gate is off by default

@@ -4,6 +4,7 @@ ensemble's certainty."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,8 @@ def empty_prompted(pseudo_label: np.ndarray, scores: np.ndarray, class_ids: list
 
 def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores: np.ndarray, slice_axis: int,
                        min_score: float, consensus_only: bool = False,
-                       uncertainty: np.ndarray | None = None, class_ids: list[int] | None = None) -> PseudoLabel:
+                       uncertainty: np.ndarray | None = None, class_ids: list[int] | None = None,
+                       from_generalist: list[int] | None = None) -> PseudoLabel:
     """One case's relabel output (``pseudo_label``, ``specialist`` uint8 (S, H, W) slice-first, ``scores``
     float32 (S, K)) as a training :class:`PseudoLabel` in volume axis order, with slice weights 1/0.
 
@@ -69,6 +71,9 @@ def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores:
     it (the one its prompts came from) get weight 0 (``PseudoLabel.voxel_weight``).
     ``uncertainty`` float (S, H, W) (the prompt ensemble's disagreement, slice-first): every voxel is
     weighted by 1 - uncertainty, times the consensus gate when both are on.
+    ``from_generalist`` (the case's classes taken from the generalist; None: no such gate): only voxels where
+    the pseudo-label or the specialist prediction is one of them keep their weight; an empty list gates the
+    whole case out.
     """
     mean = slice_scores(scores)
     keep = np.where(np.isnan(mean), 1.0, mean >= min_score).astype(np.float32)
@@ -78,6 +83,9 @@ def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores:
     voxel = None
     if consensus_only:
         voxel = (pseudo_label == specialist).astype(np.float32)
+    if from_generalist is not None:
+        decided = (np.isin(pseudo_label, from_generalist) | np.isin(specialist, from_generalist)).astype(np.float32)
+        voxel = decided if voxel is None else voxel * decided
     if uncertainty is not None:
         certainty = np.clip(1.0 - np.asarray(uncertainty, np.float32), 0.0, 1.0)
         voxel = certainty if voxel is None else voxel * certainty
@@ -86,11 +94,24 @@ def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores:
     return PseudoLabel(np.ascontiguousarray(labels), keep, voxel)
 
 
+def generalist_classes_by_case(store: PseudoLabelStore, round_index: int) -> dict[str, list[int]]:
+    """{case: its classes taken from the generalist in ``round_index``} from the manifest's ``class_source``
+    (an empty record, as in stores made before per-class sources, means every class from the generalist)."""
+    out = {}
+    for case_id, rows in store.manifest(round_index).groupby("case_id"):
+        sources = json.loads(rows["class_source"].iloc[0] or "{}")
+        out[str(case_id)] = (store.class_ids if not sources else
+                             sorted(int(c) for c, s in sources.items() if s == "generalist"))
+    return out
+
+
 def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
                        min_score: float, consensus_only: bool = False,
-                       uncertainty_weighting: bool = False) -> dict[str, PseudoLabel]:
+                       uncertainty_weighting: bool = False, generalist_voxels_only: bool = False) -> dict[str, PseudoLabel]:
     """The masks of ``round_index`` for ``case_ids`` from the store, gated as :func:`gated_pseudo_label`;
-    with ``uncertainty_weighting`` each case must have its ensemble ``uncertainty`` array."""
+    with ``uncertainty_weighting`` each case must have its ensemble ``uncertainty`` array; with
+    ``generalist_voxels_only`` each case's generalist classes come from the manifest."""
+    from_generalist = generalist_classes_by_case(store, round_index) if generalist_voxels_only else {}
     out = {}
     for case_id in case_ids:
         stored = store.read_case(round_index, case_id)
@@ -101,5 +122,6 @@ def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list
         out[case_id] = gated_pseudo_label(stored["pseudo_label"], stored["specialist"], stored["scores"],
                                           slice_axis, min_score, consensus_only,
                                           stored["uncertainty"] if uncertainty_weighting else None,
-                                          store.class_ids)
+                                          store.class_ids,
+                                          from_generalist.get(case_id, []) if generalist_voxels_only else None)
     return out

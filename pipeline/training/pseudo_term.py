@@ -4,7 +4,8 @@ stored masks it trusts (its gates), its weight at a step, and its loss, in one p
 Gates. When a round's masks are loaded (:meth:`PseudoLabelTerm.load`): a prompted slice is dropped when its
 mean generalist score is below ``min_sam_score`` or a prompted class came back empty; ``consensus_only``
 drops voxels where the mask differs from the specialist prediction it was prompted from;
-``uncertainty_weighting`` weights voxels by the prompt ensemble's certainty. During training
+``uncertainty_weighting`` weights voxels by the prompt ensemble's certainty; ``generalist_voxels_only`` drops
+voxels that only classes taken from the specialist (``generalist.class_source``) decide. During training
 (:meth:`PseudoLabelTerm.loss`): ``min_teacher_agreement`` drops whole samples whose mask the EMA teacher
 disagrees with (foreground Dice below it).
 
@@ -46,7 +47,8 @@ class PseudoLabelTerm:
     def load(self, store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int) -> dict[str, PseudoLabel]:
         """A round's masks for ``case_ids``, with the load-time gates (see the module docstring)."""
         return load_pseudo_labels(store, round_index, case_ids, slice_axis, self.cfg.min_sam_score,
-                                  self.cfg.consensus_only, self.cfg.uncertainty_weighting)
+                                  self.cfg.consensus_only, self.cfg.uncertainty_weighting,
+                                  self.cfg.generalist_voxels_only)
 
     def begin(self, step: int) -> None:
         """Called when a round with pseudo-labels starts at ``step``: the weight's schedule starts at the first."""
