@@ -16,6 +16,8 @@ import argparse
 import datetime as dt
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": str(args.run_dir), "version": args.version, "cases": cases, "cases_from": source,
         "modes": MODES, "means": {f"{m}|{c}": v for (m, c), v in means.to_dict("index").items()},
         "rows": table.to_dict("records"),
-        "command": "python -m benchmarks.prompt_modes " + " ".join(argv or []),
+        "command": "python -m benchmarks.prompt_modes " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat()}, indent=1, default=float))
     print(f"wrote {out}")
     return 0
