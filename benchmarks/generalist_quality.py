@@ -82,7 +82,8 @@ ROWS: dict[str, list[str]] = {
 WARM_ROWS = {"semisam_official", "semisam_strong", "best", "best_gated"}
 """Rows whose round 0 (Mean Teacher without pseudo-labels) is the Mean Teacher cell's, taken with
 ``train.init_from``: the same data, model, seed and training settings, so paying it once is exact."""
-COMPARISONS = [("mean_teacher", "supervised"), ("uamt", "supervised"), ("semisam_official", "mean_teacher"),
+COMPARISONS = [("mean_teacher", "supervised"), ("uamt", "supervised"), ("semisam_strong", "supervised"),
+               ("best", "supervised"), ("semisam_official", "mean_teacher"),
                ("semisam_strong", "mean_teacher"), ("best", "mean_teacher"), ("best", "semisam_strong"),
                ("best_gated", "mean_teacher"), ("best_gated", "best")]
 
@@ -143,9 +144,10 @@ def report(cells_dir: Path, out: Path) -> str:
     cells = load_cells(cells_dir)
     for c in cells:  # aggregate/paired key on (row, k): make k the set
         c["k"] = c.get("set", c["k"])
-    table = aggregate(cells, list(ROWS))
+    sets = list(SETS)
+    table = sorted(aggregate(cells, list(ROWS)), key=lambda e: (sets.index(e["k"]), list(ROWS).index(e["row"])))
     by = {(c["row"], c["k"], c["seed"]): c["final"]["dice"] for c in cells}
-    pairs = paired_differences(by, COMPARISONS)
+    pairs = sorted(paired_differences(by, COMPARISONS), key=lambda e: sets.index(e["k"]))  # stable: row order kept
     audit = {(c["row"], c["k"], c["seed"]): a for c in cells for a in c["audit"] if a["round"] == 1}
     atomic_write_text(out, json.dumps({"table": table, "paired_dice": pairs,
                                        "round1_audit": {"|".join(map(str, k)): v for k, v in audit.items()}},

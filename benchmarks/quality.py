@@ -196,8 +196,8 @@ def paired_differences(by: dict[tuple[str, int, int], float], comparisons, lower
     """Seed-by-seed differences of one value, ``by[(row, k, seed)]``, for every (row, baseline) of
     ``comparisons`` and every k where both have at least two common seeds: the differences, their mean and
     sample std, the 95% confidence interval of the mean (Student t, n-1 degrees of freedom), the paired
-    t-test's two-sided p, and a verdict: ``gain``/``loss`` only when the interval excludes 0, else ``within
-    noise`` (with ``lower_is_better`` a gain is a decrease)."""
+    t-test's two-sided p, and a verdict: ``gain``/``loss`` only when the interval excludes 0, ``identical``
+    when every difference is 0, else ``within noise`` (with ``lower_is_better`` a gain is a decrease)."""
     from scipy import stats
 
     out = []
@@ -213,7 +213,7 @@ def paired_differences(by: dict[tuple[str, int, int], float], comparisons, lower
             p = float(stats.ttest_rel(a, b).pvalue) if sd > 0 else float("nan")
             better = -1.0 if lower_is_better else 1.0
             lo, hi = sorted((better * (mean - half), better * (mean + half)))
-            verdict = "gain" if lo > 0 else "loss" if hi < 0 else "within noise"
+            verdict = ("identical" if not d.any() else "gain" if lo > 0 else "loss" if hi < 0 else "within noise")
             out.append({"row": row, "baseline": base, "k": k, "seeds": seeds,
                         "differences": [round(float(x), 4) for x in d], "mean": mean, "std": sd,
                         "ci95": [mean - half, mean + half], "p_paired_t": p, "verdict": verdict})
