@@ -107,7 +107,7 @@ def test_paired_differences_call_a_gain_only_outside_the_noise():
             c["final"]["hd95_mm"] = 7.0 + 0.5 * (c["seed"] % 2)
     hd = {(c["row"], c["baseline"]): c for c in quality.paired(cells, "hd95_mm")}
     assert hd[("uamt", "supervised")]["mean"] == pytest.approx(-2.8) and hd[("uamt", "supervised")]["verdict"] == "gain"
-    assert hd[("mean_teacher", "supervised")]["verdict"] == "within noise"  # no difference at all
+    assert hd[("mean_teacher", "supervised")]["verdict"] == "identical"  # no difference at all
     text = quality.paired_markdown(list(pairs.values()))
     assert "| 4 | uamt | supervised | 5 | +0.100 +0.110 +0.090 +0.110 +0.110 | +0.104" in text and "**gain**" in text
 
