@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import benchmarks.quality as q  # the hippocampus matrix: its row overrides are reused
-from benchmarks.common import RESULTS, ROOT, SHARED, setup_logging
+from benchmarks.common import FIGURES, RESULTS, ROOT, SHARED, setup_logging
 from benchmarks.quality import (
     _PL,
     _STRONG,
@@ -140,6 +140,47 @@ def lite_markdown(table: list[dict], cells: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_lite(cells: list[dict], path: Path) -> Path:
+    """One panel per set: final test Dice per row, one dot per seed, a seed's cells joined by a line
+    (the comparisons are paired), the mean as a bar; above each SemiSAM row its round-1 pseudo-label Dice
+    minus the specialist's on the unlabeled cases (the audit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [s for s in SETS if any(c["k"] == s for c in cells)]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4.2), squeeze=False)
+    for ax, set_name in zip(axes[0], sets, strict=True):
+        mine = [c for c in cells if c["k"] == set_name]
+        rows = [r for r in ROWS if any(c["row"] == r for c in mine)]
+        for seed in sorted({c["seed"] for c in mine}):
+            pts = [(i, c["final"]["dice"]) for i, r in enumerate(rows) for c in mine if c["row"] == r and c["seed"] == seed]
+            ax.plot(*zip(*pts), color=f"C{seed}", lw=0.7, alpha=0.45, marker="o", ms=4, zorder=2,
+                    label=f"seed {seed}")
+        for i, r in enumerate(rows):
+            vals = [c["final"]["dice"] for c in mine if c["row"] == r]
+            ax.hlines(sum(vals) / len(vals), i - 0.3, i + 0.3, color="k", lw=2, zorder=3)
+            gains = [a["pseudo_dice"] - a["specialist_dice"] for c in mine if c["row"] == r
+                     for a in c["audit"] if a["round"] == 1]
+            if gains:
+                ax.annotate(f"{sum(gains) / len(gains):+.3f}", (i, 1.0), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), rows, rotation=35, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_title(f"{set_name} ({len({c['seed'] for c in mine})} seeds)", pad=14)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("final test Dice (bar: mean; a line joins one seed)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("LiteMedSAM as the generalist; numbers above: round-1 pseudo-label minus specialist Dice",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def report(cells_dir: Path, out: Path) -> str:
     cells = load_cells(cells_dir)
     for c in cells:  # aggregate/paired key on (row, k): make k the set
@@ -149,6 +190,7 @@ def report(cells_dir: Path, out: Path) -> str:
     by = {(c["row"], c["k"], c["seed"]): c["final"]["dice"] for c in cells}
     pairs = sorted(paired_differences(by, COMPARISONS), key=lambda e: sets.index(e["k"]))  # stable: row order kept
     audit = {(c["row"], c["k"], c["seed"]): a for c in cells for a in c["audit"] if a["round"] == 1}
+    plot_lite(cells, FIGURES / f"{out.stem}.png")
     atomic_write_text(out, json.dumps({"table": table, "paired_dice": pairs,
                                        "round1_audit": {"|".join(map(str, k)): v for k, v in audit.items()}},
                                       indent=1, default=float))
