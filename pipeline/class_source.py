@@ -93,6 +93,12 @@ def as_json(sources: dict[int, str]) -> str:
     return json.dumps({str(c): s for c, s in sorted(sources.items())}, separators=(",", ":"))
 
 
+def from_json(text: str) -> dict[int, str]:
+    """The manifest's ``class_source`` column back as {class id: source} (the inverse of :func:`as_json`;
+    "{}", as in parts written before per-class sources, is empty: every class from the generalist)."""
+    return {int(c): s for c, s in json.loads(text or "{}").items()}
+
+
 def describe(sources: dict[int, str], evidence: dict, names: dict[int, str]) -> str:
     """One log line: ``RV generalist (0.91 vs 0.72), MYO specialist (0.10 vs 0.55), ...``."""
     parts = []

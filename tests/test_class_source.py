@@ -162,3 +162,11 @@ def test_auto_run_records_choice_evidence_and_selection_table(data12, tmp_path, 
                                                  separators=(",", ":"))}
     assert "class sources" in summaries[1].line()
     assert set(summaries[1].audit["by_class"]) == {"1", "2"}
+
+
+def test_the_manifest_column_reads_back():
+    from pipeline.class_source import as_json, from_json
+
+    sources = {1: "generalist", 3: "specialist"}
+    assert from_json(as_json(sources)) == sources
+    assert from_json("{}") == {} and from_json("") == {}

@@ -4,11 +4,11 @@ ensemble's certainty."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.class_source import from_json, generalist_classes
 from pipeline.errors import StoreError
 from pipeline.store import PseudoLabelStore
 
@@ -97,12 +97,8 @@ def gated_pseudo_label(pseudo_label: np.ndarray, specialist: np.ndarray, scores:
 def generalist_classes_by_case(store: PseudoLabelStore, round_index: int) -> dict[str, list[int]]:
     """{case: its classes taken from the generalist in ``round_index``} from the manifest's ``class_source``
     (an empty record, as in stores made before per-class sources, means every class from the generalist)."""
-    out = {}
-    for case_id, rows in store.manifest(round_index).groupby("case_id"):
-        sources = json.loads(rows["class_source"].iloc[0] or "{}")
-        out[str(case_id)] = (store.class_ids if not sources else
-                             sorted(int(c) for c, s in sources.items() if s == "generalist"))
-    return out
+    return {str(case_id): generalist_classes(from_json(rows["class_source"].iloc[0]), store.class_ids)
+            for case_id, rows in store.manifest(round_index).groupby("case_id")}
 
 
 def load_pseudo_labels(store: PseudoLabelStore, round_index: int, case_ids: list[str], slice_axis: int,
