@@ -108,6 +108,25 @@ def _ms(d: dict, digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
+PLANNED_SEEDS = (0, 1, 2, 3, 4)
+"""The seeds the issue's matrix asks for, every row of every set: the report says which cells are missing."""
+
+
+def coverage_markdown(cells: list[dict]) -> str:
+    """Which cells of the planned matrix (every set x row x :data:`PLANNED_SEEDS`) are finished: one line
+    per set, "n/5" per row, with the missing seeds named, so a partial matrix says so itself."""
+    done = {(c["k"], c["row"], c["seed"]) for c in cells}
+    lines = ["| set | " + " | ".join(ROWS) + " |", "|---|" + "---|" * len(ROWS)]
+    for set_name in SETS:
+        out = []
+        for row in ROWS:
+            missing = [s for s in PLANNED_SEEDS if (set_name, row, s) not in done]
+            have = len(PLANNED_SEEDS) - len(missing)
+            out.append(f"{have}/{len(PLANNED_SEEDS)}" + (f" (no {','.join(map(str, missing))})" if 0 < have < len(PLANNED_SEEDS) else ""))
+        lines.append(f"| {set_name} | " + " | ".join(out) + " |")
+    return "Cells finished of the planned matrix (seeds 0-4; \"no 3,4\": seeds 3 and 4 not run):\n\n" + "\n".join(lines) + "\n"
+
+
 def lite_markdown(table: list[dict], cells: list[dict]) -> str:
     """Test metrics per (set, row), then the per-class pseudo-label audit and the class sources chosen."""
     lines = ["| set | row | seeds | Dice mean | Dice per class | HD95 |", "|---|---|---|---|---|---|"]
@@ -194,7 +213,7 @@ def report(cells_dir: Path, out: Path) -> str:
     atomic_write_text(out, json.dumps({"table": table, "paired_dice": pairs,
                                        "round1_audit": {"|".join(map(str, k)): v for k, v in audit.items()}},
                                       indent=1, default=float))
-    return lite_markdown(table, cells) + "\n\n" + paired_markdown(pairs)
+    return coverage_markdown(cells) + "\n" + lite_markdown(table, cells) + "\n\n" + paired_markdown(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

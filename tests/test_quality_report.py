@@ -126,3 +126,19 @@ def test_paired_audit_compares_round_one_pseudo_labels_seed_by_seed():
     assert pair["mean"] == pytest.approx(0.0105) and pair["verdict"] == "gain" and pair["p_paired_t"] < 0.01
     [late] = quality.paired_audit(cells, relabel_round=2)
     assert late["mean"] == pytest.approx(-0.1) and late["verdict"] == "loss"
+
+
+def test_lite_coverage_names_the_missing_cells():
+    from benchmarks import generalist_quality as gq
+
+    cells = [{"k": "acdc3", "row": "mean_teacher", "seed": s} for s in range(5)]
+    cells += [{"k": "acdc3", "row": "best", "seed": s} for s in (0, 1, 2)]
+    text = gq.coverage_markdown(cells)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| acdc") or line.startswith("| hippo")}
+    cols = list(gq.ROWS)
+    assert rows["acdc3"][cols.index("mean_teacher")] == "5/5"
+    assert rows["acdc3"][cols.index("best")] == "3/5 (no 3,4)"
+    assert rows["acdc3"][cols.index("uamt")] == "0/5"
+    assert rows["acdc7"][cols.index("mean_teacher")] == "0/5"
+    assert set(rows) == set(gq.SETS)
