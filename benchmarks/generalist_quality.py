@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generalist_quality", description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="+", choices=list(SETS), default=["acdc3"])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(PLANNED_SEEDS))
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "quality_lite")
     p.add_argument("--results", type=Path, default=CELLS)
     p.add_argument("--report", action="store_true", help="only aggregate the finished cells")
