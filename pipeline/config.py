@@ -248,9 +248,27 @@ class TrainConfig(_Strict):
     unlabeled_batch_size: int = Field(default=4, ge=0)
     """Unlabeled crops per iteration (consistency and pseudo-label terms); 0 trains on labeled crops only."""
     optimizer: Literal["sgd", "adam"] = "adam"
-    """adam, or sgd with momentum 0.9 (SSL4MIS uses SGD with lr 0.01)."""
+    """adam, or sgd with momentum 0.9 (the literature's: SSL4MIS uses SGD, lr 0.01, weight decay 1e-4, with
+    ``lr_schedule: poly``)."""
     lr: float = Field(default=1e-3, gt=0)
-    """Learning rate, constant over the run (finite and > 0; a NaN or infinite loss still stops the run)."""
+    """Base learning rate (finite and > 0; a NaN or infinite loss still stops the run)."""
+    lr_schedule: Literal["constant", "poly"] = "constant"
+    """constant: ``lr`` at every step. poly: ``lr * (1 - step / total) ** lr_poly_power`` over the whole
+    schedule (``schedule_rounds x iterations`` steps), SSL4MIS's decay."""
+    lr_poly_power: float = Field(default=0.9, gt=0)
+    """The exponent of the poly decay (SSL4MIS: 0.9)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype of the forward passes (losses stay fp32). auto: bf16 where it is native (CUDA with
+    bf16, a CPU with avx512_bf16/AMX), fp16 with a gradient scaler on CUDA without bf16, else fp32
+    (``pipeline.training.runtime``; the chosen path is logged with the reason)."""
+    channels_last: Literal["auto"] | bool = "auto"
+    """2D U-Net in the channels_last memory format. auto: on CUDA only (slower on the CPUs measured)."""
+    compile: Literal["auto"] | bool = "auto"
+    """``torch.compile`` the student's and teacher's forward (and so backward) passes. auto: on. The first
+    step of a process pays the compile; a compile failure falls back to eager with one warning."""
+    prefetch_batches: int = Field(default=2, ge=0)
+    """Training batches built ahead in a background thread (crops, augmentation) while the network trains
+    on the current one; 0 builds each in the training thread. The batches are the same either way."""
     weight_decay: float = Field(default=1e-4, ge=0)
     """L2 weight decay of the optimizer."""
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)

@@ -259,7 +259,7 @@ def test_mean_teacher_loss_is_positive_for_a_different_teacher():
     x = _x()
     loss, extra = MeanTeacher(cfg, 100).consistency_loss(UnlabeledBatch(x, student(x), 20), teacher)
     assert extra["consistency"] > 0
-    assert float(loss.detach()) == pytest.approx(0.3 * extra["consistency"], rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.3 * float(extra["consistency"]), rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher gets no gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

@@ -4,13 +4,16 @@ On a CPU the image encoder is nearly all of a relabel round's time (LiteMedSAM's
 256 x 256 slice). Eager PyTorch reaches a fraction of the cores' peak there: most of the time goes to
 memory-bound elementwise ops (batch norm, GELU, the casts autocast inserts, window reshapes) between the
 matrix products. ``torch.compile`` with frozen weights fuses those ops, folds batch norm into the
-convolutions and prepacks the weights for oneDNN; with bf16 on a CPU with native bf16 dot products that
-is 3x eager fp32 on 2 Zen 5 cores, 0.26 s a slice (issue 19; ``benchmarks/generalist_speed.py``,
-docs/benchmarks.md, which also measures channels_last, ONNX Runtime and OpenVINO).
+convolutions and prepacks the weights for oneDNN. Which path is fastest depends on the CPU: with native
+bf16 dot products, compiled bf16; on an AVX2-only CPU, compiled fp32 (emulated bf16 is ~20x slower there)
+(``benchmarks/generalist_speed.py``, docs/benchmarks.md "Generalist speed", which also measures
+channels_last, int8, ONNX Runtime and OpenVINO).
 
 ``SamConfig.precision`` and ``SamConfig.encoder_backend`` default to ``auto``, resolved here against the
-device once (``resolve_sam_config``): a CPU gets the fast path, CUDA keeps eager fp32, and the test model
-``tiny`` stays eager fp32 everywhere (compiling it costs seconds; it runs in milliseconds).
+device once (``resolve_sam_config``, from the facts of ``pipeline.hardware``): a CPU compiles the encoder,
+in bf16 only where bf16 is native; CUDA keeps eager fp32; the test model ``tiny`` stays eager fp32
+everywhere (compiling it costs seconds; it runs in milliseconds). ``describe_choice`` says which path and
+why in one log line; a bf16 pinned on a CPU without native bf16 is warned about once.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline import hardware
 from pipeline.config import SamConfig
+from pipeline.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +33,9 @@ _STAYS_EAGER_FP32 = {"tiny"}  # the test model: compiling costs more than it sav
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (avx512_bf16, or AMX tiles); without them
-    bf16 is emulated and no faster than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+EMULATED_BF16_SLOWDOWN = 20
+"""Measured: the compiled LiteMedSAM encoder in bf16 on an AVX2-only EPYC took 23x the time of compiled fp32
+(45.5 s against 1.98 s a slice; docs/benchmarks.md, "Generalist speed"): the cost a pinned bf16 warns of."""
 
 
 def resolve_precision(cfg: SamConfig, device: torch.device) -> str:
@@ -54,6 +58,43 @@ def resolve_sam_config(cfg: SamConfig, device: torch.device) -> SamConfig:
     the embedding cache key is built from it)."""
     return cfg.model_copy(update={"precision": resolve_precision(cfg, device),
                                   "encoder_backend": resolve_backend(cfg, device)})
+
+
+def describe_choice(cfg: SamConfig, device: torch.device) -> str:
+    """Why the encoder runs as it does on ``device``: one line naming the path, the machine and the reason
+    (logged by ``SamGeneralist``). ``cfg`` is the configured (unresolved) one."""
+    resolved = resolve_sam_config(cfg, device)
+    if cfg.variant in _STAYS_EAGER_FP32:
+        why = "the test model stays eager fp32"
+    elif cfg.precision != "auto":
+        why = f"precision {cfg.precision} as configured"
+    elif device.type == "cuda":
+        why = "CUDA: fp32"
+    elif resolved.precision == "bf16":
+        why = "native bf16 dot products on this CPU"
+    else:
+        why = "no native bf16 on this CPU (emulated bf16 is ~20x slower), so fp32"
+    if cfg.encoder_backend == "auto" and resolved.encoder_backend == "compile":
+        why += "; compiled: fused ops, frozen weights"
+    return (f"SAM image encoder ({cfg.variant}) on {device}: {resolved.encoder_backend} {resolved.precision} "
+            f"({why}; {hardware.describe().summary()})")
+
+
+_warned_emulated = False
+
+
+def warn_if_emulated_bf16(cfg: SamConfig, device: torch.device) -> bool:
+    """Warn once per process when bf16 or fp16 is pinned for the encoder on a CPU that only emulates it;
+    returns whether this call warned."""
+    global _warned_emulated
+    if (device.type != "cpu" or cfg.precision not in AUTOCAST_DTYPES or cfg.variant in _STAYS_EAGER_FP32
+            or cpu_has_native_bf16() or _warned_emulated):
+        return False
+    _warned_emulated = True
+    log.warning("generalist.sam.precision is %s but this CPU has no native bf16 (%s): the SAM encoder will run "
+                "about %dx slower than fp32. Use generalist.sam.precision=auto (fp32 here)", cfg.precision,
+                hardware.describe().summary(), EMULATED_BF16_SLOWDOWN)
+    return True
 
 
 def autocast(device: torch.device, precision: str):

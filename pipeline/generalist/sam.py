@@ -30,7 +30,13 @@ from pipeline.errors import CheckpointError
 from pipeline.generalist import lite_medsam
 from pipeline.generalist.base import DecodeResult, SlicePrompt
 from pipeline.generalist.cache import EmbeddingCache, cache_key
-from pipeline.generalist.encoder_runtime import EncoderBackendChanged, EncoderRunner, resolve_sam_config
+from pipeline.generalist.encoder_runtime import (
+    EncoderBackendChanged,
+    EncoderRunner,
+    describe_choice,
+    resolve_sam_config,
+    warn_if_emulated_bf16,
+)
 from pipeline.generalist.windowing import window_to_uint8
 from pipeline.storage import Location, file_sha256
 
@@ -271,6 +277,8 @@ class SamGeneralist:
 
     def __init__(self, sam: Sam, cfg: SamConfig, device: torch.device):
         self.sam, self.cfg, self.device = sam, resolve_sam_config(cfg, device), device
+        warn_if_emulated_bf16(cfg, device)
+        log.info("%s", describe_choice(cfg, device))
         self.encoder = EncoderRunner(sam.image_encoder, device, self.cfg.precision, self.cfg.encoder_backend)
         self.name = sam_name(cfg)
         self.image_size = sam.image_encoder.img_size

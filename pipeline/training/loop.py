@@ -15,6 +15,12 @@ Every ``log_every`` iterations and on the last one of a round the loop measures 
 term pulls against the supervised one: ``consistency_grad_share`` = |grad of the weighted consistency
 loss| / |grad of the supervised loss| over the student's parameters (``pseudo_grad_share`` likewise),
 with ``torch.autograd.grad`` before the step (two extra backward passes on those iterations only).
+
+How it runs on the device (precision, channels_last, compile) is chosen by ``pipeline.training.runtime``
+from what the machine has, and logged once. Batches are built ahead in a background thread
+(``pipeline.training.prefetch``; the same batches as building them in the loop). Logged values stay
+tensors on the device and are read (a host sync) only every ``log_every`` iterations and at a round's end,
+where the losses of the iterations since the last read are checked for NaN/inf.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ from pipeline.errors import NonFiniteError
 from pipeline.models.unet import UNet, build_model, model_args
 from pipeline.progress import Progress
 from pipeline.training.losses import ce_dice_loss
+from pipeline.training.prefetch import Prefetcher
 from pipeline.training.pseudo_labels import PseudoLabel
 from pipeline.training.pseudo_term import PseudoLabelTerm
+from pipeline.training.ramps import poly_lr
+from pipeline.training.runtime import RuntimeForward, resolve_train_runtime
 from pipeline.training.sampling import sample_crop
 from pipeline.training.strategies import UnlabeledBatch, make_strategy
 
@@ -48,14 +57,22 @@ class TrainVolume:
     label: np.ndarray | None = None
 
 
-def _check_finite(logs: dict[str, float], step: int) -> None:
-    """Stop at the first non-finite loss term, naming the step, the term and its value (NonFiniteError)."""
-    for term, value in logs.items():
-        if not np.isfinite(value):
+def _check_finite(history: list[dict[str, torch.Tensor | float]], first_step: int) -> None:
+    """Stop at the first non-finite loss term among the iterations of ``history`` (iteration ``first_step``
+    first), naming the step, the term and its value (NonFiniteError). One host sync for all of them."""
+    if not history:
+        return
+    for key in history[0]:
+        values = torch.stack([torch.as_tensor(h[key], dtype=torch.float64).reshape(()).cpu()
+                              for h in history if key in h])
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            steps = [first_step + i for i, h in enumerate(history) if key in h]
+            i = int(bad[0])
             raise NonFiniteError(
-                f"training stopped at step {step}: the {term} term is {value}; nothing is published, the last "
-                "good checkpoint is kept. Lower train.lr (or the term's weight) or check the data (NaN voxels), "
-                "then rerun to resume after the last completed round")
+                f"training stopped at step {steps[i]}: the {key} term is {float(values[i])}; nothing is "
+                "published, the last good checkpoint is kept. Lower train.lr (or the term's weight) or check "
+                "the data (NaN voxels), then rerun to resume after the last completed round")
 
 
 def _grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
@@ -76,6 +93,11 @@ class SpecialistTrainer:
         self.teacher: UNet = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        self.runtime = resolve_train_runtime(cfg.train, cfg.model, device)
+        log.info("%s", self.runtime.describe())
+        self.student_fwd = RuntimeForward(self.student, self.runtime, "student")
+        self.teacher_fwd = RuntimeForward(self.teacher, self.runtime, "teacher")
+        self.scaler = self.runtime.grad_scaler()
         t = cfg.train
         if t.optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -110,6 +132,8 @@ class SpecialistTrainer:
 
     # -- training ------------------------------------------------------------------------------
     def _batch(self, vols: list[TrainVolume], n: int, pseudo: dict[str, PseudoLabel] | None, labeled: bool):
+        """``n`` crops of ``vols`` as NumPy arrays: images float32 (n, *P), targets uint8 (n, *P), weights
+        float32 (n, *P) (unlabeled) or None. Draws from ``self.rng`` (called in one thread, in order)."""
         cfg = self.cfg
         xs, ys, ws = [], [], []
         for _ in range(n):
@@ -128,10 +152,34 @@ class SpecialistTrainer:
             xs.append(crop.image)
             ys.append(crop.target)
             ws.append(crop.weight)
-        x = torch.from_numpy(np.stack(xs))[:, None].to(self.device)
-        y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(self.device)
-        w = None if labeled else torch.from_numpy(np.stack(ws)).to(self.device)
-        return x, y, w
+        return np.stack(xs), np.stack(ys), (None if labeled else np.stack(ws))
+
+    def _batches(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume], n_unl: int,
+                 pseudo: dict[str, PseudoLabel] | None):
+        """The function that builds one iteration's two-stream batch (host arrays), for ``Prefetcher``."""
+        n_lab = self.cfg.train.labeled_batch_size
+
+        def make() -> dict:
+            xl, yl, _ = self._batch(labeled, n_lab, None, labeled=True)
+            batch = {"xl": xl, "yl": yl}
+            if n_unl:
+                xu, yu, wu = self._batch(unlabeled, n_unl, pseudo, labeled=False)
+                batch.update(xu=xu, yu=yu, wu=wu, has_pseudo=bool(wu.any()))
+            return batch
+        return make
+
+    def _to_device(self, batch: dict) -> dict:
+        """Host arrays -> tensors on the device: images (B, 1, *P) float32, targets (B, *P) int64."""
+        out = {}
+        for key, value in batch.items():
+            if not isinstance(value, np.ndarray):
+                out[key] = value
+                continue
+            t = torch.from_numpy(value.astype(np.int64) if key[0] == "y" else value)
+            if key[0] == "x":
+                t = t[:, None]
+            out[key] = t.to(self.device, non_blocking=True)
+        return out
 
     @torch.no_grad()
     def _ema_update(self) -> None:
@@ -172,23 +220,34 @@ class SpecialistTrainer:
         self._seed_round()
         self.student.train()
         self.teacher.train()
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor | float] = {}
         counts: dict[str, int] = {}
+        history: list[dict] = []  # logged values of the iterations since the last finiteness check
+        last_loss = ""
         # a plain line every progress_seconds: iterations/s and ETA (a slow round must not look like a hang)
-        progress = Progress(f"training (step {self.step})", iterations, "it", log, every_s=t.progress_seconds)
-        for i in range(iterations):
-            measure = (self.step + 1) % t.log_every == 0 or i == iterations - 1
-            logs = self._step(labeled, unlabeled if n_unl else [], n_unl, pseudo if use_pseudo else None, measure)
-            for k, v in logs.items():
-                totals[k] = totals.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            if self.step % t.log_every == 0:
-                log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
-                if self.on_log is not None:
-                    self.on_log(self.step, logs)
-            progress.advance(1, extra=f"loss {logs['loss']:.4f}")
+        first, last = self.step + 1, self.step + iterations
+        progress = Progress(f"training steps {first}-{last}", iterations, "it", log, every_s=t.progress_seconds)
+        make = self._batches(labeled, unlabeled if n_unl else [], n_unl, pseudo if use_pseudo else None)
+        with Prefetcher(make, iterations, t.prefetch_batches) as batches:
+            for i, batch in enumerate(batches):
+                measure = (self.step + 1) % t.log_every == 0 or i == iterations - 1
+                logs = self._step(self._to_device(batch), n_unl, pseudo if use_pseudo else None, measure)
+                history.append(logs)
+                for k, v in logs.items():
+                    totals[k] = totals.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+                    counts[k] = counts.get(k, 0) + 1
+                if measure:  # the one host sync of these iterations
+                    _check_finite(history, self.step - len(history) + 1)
+                    history = []
+                    values = {k: float(v) for k, v in logs.items()}
+                    last_loss = f"loss {values['loss']:.4f}"
+                    if self.step % t.log_every == 0:
+                        log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+                        if self.on_log is not None:
+                            self.on_log(self.step, values)
+                progress.advance(1, extra=last_loss)
         self._check_weights()
-        return {k: v / counts[k] for k, v in totals.items()}
+        return {k: float(v) / counts[k] for k, v in totals.items()}
 
     def _seed_round(self) -> None:
         """A round's randomness (crops, augmentation, consistency noise) is a function of the seed and the step
@@ -197,40 +256,54 @@ class SpecialistTrainer:
         self.rng = np.random.default_rng([self.cfg.seed, self.step])
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
 
-    def _step(self, labeled: list[TrainVolume], unlabeled: list[TrainVolume], n_unl: int,
-              pseudo: dict[str, PseudoLabel] | None, measure: bool) -> dict[str, float]:
-        """One iteration: the two-stream batch, the losses (see the module docstring), the optimizer step and
-        the teacher's EMA update. ``measure``: also the gradient share of each unlabeled term."""
+    def _lr(self) -> float:
         t = self.cfg.train
-        xl, yl, _ = self._batch(labeled, t.labeled_batch_size, None, labeled=True)
+        if t.lr_schedule == "poly":
+            return poly_lr(t.lr, self.step, self.total_iterations, t.lr_poly_power)
+        return t.lr
+
+    def _step(self, batch: dict, n_unl: int, pseudo: dict[str, PseudoLabel] | None,
+              measure: bool) -> dict[str, torch.Tensor | float]:
+        """One iteration on a batch already on the device: the losses (see the module docstring), the
+        optimizer step and the teacher's EMA update. ``measure``: also the gradient share of each unlabeled
+        term. Returns the logged values, tensors on the device (no host sync here)."""
+        xl, yl = batch["xl"], batch["yl"]
         if n_unl:
-            xu, yu, wu = self._batch(unlabeled, n_unl, pseudo, labeled=False)
-            logits = self.student(torch.cat([xl, xu]))
+            xu, yu, wu = batch["xu"], batch["yu"], batch["wu"]
+            logits = self.student_fwd(torch.cat([xl, xu]))
             logits_l, logits_u = logits[: len(xl)], logits[len(xl):]
         else:
-            logits_l = self.student(xl)
+            logits_l = self.student_fwd(xl)
         sup = ce_dice_loss(logits_l, yl)
-        loss, logs, terms = sup, {"sup": sup.item()}, {}
+        loss, logs, terms = sup, {"sup": sup.detach()}, {}
         if n_unl and self.strategy.uses_teacher:
-            cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher)
+            cons, extra = self.strategy.consistency_loss(UnlabeledBatch(xu, logits_u, self.step), self.teacher_fwd)
             loss = loss + cons
             terms["consistency_grad_share"] = cons
             logs.update(extra)
-        if n_unl and pseudo:
-            term, extra = self.term.loss(logits_u, yu, wu, xu, self.teacher, self.step)
+        if n_unl and pseudo and batch["has_pseudo"]:
+            term, extra = self.term.loss(logits_u, yu, wu, xu, self.teacher_fwd, self.step)
             if term is not None:
                 loss = loss + term
                 terms["pseudo_grad_share"] = term
             logs.update(extra)
+        elif n_unl and pseudo:
+            logs["pseudo_weight"] = self.term.weight(self.step)
         if measure and terms:  # two extra backward passes, on these iterations only
             params = [p for p in self.student.parameters() if p.requires_grad]
             sup_norm = max(_grad_norm(sup, params), 1e-12)
             logs.update({key: _grad_norm(term, params) / sup_norm for key, term in terms.items()})
-        logs["loss"] = loss.item()
-        _check_finite(logs, self.step + 1)  # before the step: the weights stay those of the last good step
+        logs["loss"] = loss.detach()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         self.step += 1
         self._ema_update()
         return logs

@@ -64,23 +64,26 @@ class PseudoLabelTerm:
         return ramped_weight(self.cfg.weight, step - self.first_step, self.cfg.rampup_iterations)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
-             teacher: torch.nn.Module, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+             teacher, step: int) -> tuple[torch.Tensor | None, dict[str, torch.Tensor | float]]:
         """The weighted term on an unlabeled batch: student ``logits`` (B, C, *S), stored masks ``target``
         (B, *S) int64 with voxel ``weight`` (B, *S) (0 where no mask or gated), the batch ``x`` (B, 1, *S)
         for the teacher's gate. Returns (``w(step) * loss``, or None when every voxel is gated out; logs:
-        ``pl_kept`` (with the teacher gate), ``pseudo`` (the unweighted loss), ``pseudo_weight``)."""
-        logs: dict[str, float] = {}
+        ``pl_kept`` (with the teacher gate), ``pseudo`` (the unweighted loss), ``pseudo_weight``; tensors stay on
+        the device). The caller skips batches whose stored masks are all gated out (known on the host);
+        with the teacher gate, a batch it empties gives None.
+        ``teacher``: a callable (B, 1, *S) -> logits, the loop's ``RuntimeForward``."""
+        logs: dict[str, torch.Tensor | float] = {}
+        w = self.weight(step)
+        logs["pseudo_weight"] = w
         if self.cfg.min_teacher_agreement > 0:
             with torch.no_grad():
                 agree = foreground_dice(teacher(x).argmax(1), target)
             keep = (agree >= self.cfg.min_teacher_agreement).float()
             weight = weight * keep.view(-1, *([1] * (weight.dim() - 1)))
-            logs["pl_kept"] = float(keep.mean())
-        w = self.weight(step)
-        term = None
-        if float(weight.sum()) > 0:
-            raw = self.loss_fn(logits, target, weight)
-            term = w * raw
-            logs["pseudo"] = raw.item()
-        logs["pseudo_weight"] = w
+            logs["pl_kept"] = keep.mean()
+            if float(weight.sum()) == 0:  # a host sync, with the teacher gate only
+                return None, logs
+        raw = self.loss_fn(logits, target, weight)
+        term = w * raw
+        logs["pseudo"] = raw.detach()
         return term, logs

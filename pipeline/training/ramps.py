@@ -54,3 +54,11 @@ def uamt_threshold(step: float, total_iterations: int, num_classes: int, start: 
     (the largest entropy possible, which keeps every voxel) only at the run's last iteration.
     """
     return (start + (end - start) * sigmoid_rampup(step, total_iterations)) * math.log(num_classes)
+
+
+def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
+    """SSL4MIS's poly decay: ``base_lr * (1 - step / total) ** power`` for the update after ``step`` updates
+    (``base_lr`` at step 0, 0 at ``total``; held at 0 past it, for a run resumed with more rounds)."""
+    if total <= 0:
+        return base_lr
+    return base_lr * max(0.0, 1.0 - step / total) ** power

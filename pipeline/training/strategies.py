@@ -65,7 +65,7 @@ class MeanTeacher:
             teacher_logits = teacher(noisy(batch.x, self.cfg))
         w = ramped_weight(self.cfg.weight, batch.step, self.cfg.rampup_iterations)
         loss = softmax_mse(batch.student_logits, teacher_logits).mean()
-        return w * loss, {"consistency": loss.item(), "consistency_weight": w}
+        return w * loss, {"consistency": loss.detach(), "consistency_weight": w}
 
 
 class UncertaintyAwareMeanTeacher:
@@ -96,7 +96,7 @@ class UncertaintyAwareMeanTeacher:
         per_voxel = softmax_mse(batch.student_logits, teacher_logits)
         loss = (per_voxel * mask).sum() / (mask.sum() + 1e-6)
         w = ramped_weight(cfg.weight, batch.step, cfg.rampup_iterations)
-        return w * loss, {"consistency": loss.item(), "consistency_weight": w, "certain_fraction": mask.mean().item(),
+        return w * loss, {"consistency": loss.detach(), "consistency_weight": w, "certain_fraction": mask.mean(),
                           "uamt_threshold": threshold}
 
 
