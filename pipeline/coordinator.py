@@ -54,7 +54,7 @@ from pipeline.resume import (  # noqa: F401 - prepare_run_dir, RESUMABLE_CHANGES
     prepare_run_dir,
     warm_start,
 )
-from pipeline.round_summary import RoundSummary, relabel_stats
+from pipeline.round_summary import RoundSummary, best_round, relabel_stats
 from pipeline.run_folder import RunFolder
 from pipeline.run_lock import RunLock
 from pipeline.storage import read_table, write_table
@@ -200,6 +200,7 @@ class Coordinator:
                 self.events.scalars(r, round_scalars(asdict(summary), self.info.labels))
                 self.state["completed"].append(r)
                 self.state["summaries"].append(asdict(summary))
+                self.state["best"] = best_round(self.state["summaries"])
                 self.folder.save_state(self.state)
                 self.on_event("round_done", self, round=r)
             return summaries
@@ -214,9 +215,12 @@ class Coordinator:
             self._train(r, summary, r if pseudo_cases else None, pseudo_cases,
                         reuse_published=summary.relabel.get("relabeled_now", 0) == 0)
         self.on_event("published", self, round=r)
+        start_eval = time.perf_counter()
+        if self.split.val:  # every round: the validation Dice chooses the best round (state.json "best")
+            summary.val = round_means(self.trainer_client.call(f"validating round {r}", "evaluate", r, "val"))
         if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
-            start_eval = time.perf_counter()
             summary.test = round_means(self.trainer_client.call(f"evaluating round {r}", "evaluate", r))
+        if summary.val or summary.test:
             summary.timing["eval_s"] = round(time.perf_counter() - start_eval, 3)
         summary.seconds = time.perf_counter() - start
         return summary
