@@ -391,13 +391,15 @@ def _drain(actors: list, queue: list[Scan], stop: StopFlag, progress: Progress, 
     """Keep every actor busy with one scan until ``queue`` is empty. An actor that dies is dropped and its
     scan goes back to the queue once (a scan that kills a second actor is reported failed); with no actor
     left, what remains is reported failed."""
-    out, running, attempts = [], {}, {}
+    out, running, attempts, idle = [], {}, {}, []
 
     def give(actor) -> None:
-        if queue:
-            scan = queue.pop(0)
-            attempts[scan.case_id] = attempts.get(scan.case_id, 0) + 1
-            running[actor.segment.remote(scan)] = (actor, scan)
+        if not queue:
+            idle.append(actor)
+            return
+        scan = queue.pop(0)
+        attempts[scan.case_id] = attempts.get(scan.case_id, 0) + 1
+        running[actor.segment.remote(scan)] = (actor, scan)
 
     for actor in actors:
         give(actor)
@@ -413,6 +415,8 @@ def _drain(actors: list, queue: list[Scan], stop: StopFlag, progress: Progress, 
                 if isinstance(e, RayActorError) and attempts[scan.case_id] < 2:
                     log.warning("%s: its predictor actor was lost (%s); the scan goes back to the queue", scan.image, cause)
                     queue.insert(0, scan)
+                    if idle:
+                        give(idle.pop())
                     continue  # the dead actor gets no more work
                 out.append({"case_id": scan.case_id, "error": f"{scan.image}: the predictor failed ({cause})"})
             progress.advance(1)

@@ -46,8 +46,8 @@ class Split:
     val: list[str] = field(default_factory=list)
     """Validation cases (:func:`resolve_val`): labeled, never trained on; they choose the best round.
     Not part of :attr:`all_cases`. Empty when the run has no validation split."""
-    val_source: str = ""
-    """Where :attr:`val` came from, for messages ("" when there is none)."""
+    val_source: str = field(default="", compare=False)
+    """Where :attr:`val` came from, for messages ("" when there is none); not compared."""
 
     @property
     def all_cases(self) -> list[str]:
