@@ -4,6 +4,10 @@
     round r>0: relabel unlabeled cases with checkpoint r-1   -> store round r
                train with the round-r pseudo-labels          -> checkpoint r -> evaluate
 
+Evaluate: on the validation split, when the run has one (every round; ``eval/val_round_NNN.parquet``; the
+best round by validation Dice goes to state.json's ``best``, which ``semisam predict --round best`` takes),
+and on the test split (``eval.every_round``; ``eval/round_NNN.parquet``). Test labels choose nothing.
+
 With the pseudo-label term off (``train.pseudo_label.enabled: false`` or weight 0, e.g. plain Mean
 Teacher) no SAM pool is started and every round only trains.
 

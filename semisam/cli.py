@@ -79,13 +79,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import PredictOptions, predict, summary_text
-    from workers.predictor import Predictor
+    from pipeline.predict import PredictOptions, summary_text
+    from semisam.launch import predict
 
     options = PredictOptions(round=args.round, labels=Path(args.labels) if args.labels else None,
                              in_process_max=args.in_process_max)
     try:
-        summary = predict(args.run, [Path(p) for p in args.inputs], Path(args.output), options, Predictor)
+        summary = predict(args.run, [Path(p) for p in args.inputs], Path(args.output), options)
     except Interrupted as e:
         log.warning("%s (finished label files in %s are kept and skipped by a rerun)", e, args.output)
         return exit_code(e.signum)

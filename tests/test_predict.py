@@ -20,6 +20,7 @@ import pytest
 from pipeline.errors import DatasetError, Interrupted
 from pipeline.predict import PredictOptions, predict
 from pipeline.reports import eval_table
+from pipeline.verify import verify_run
 from semisam.cli import main
 from workers.predictor import Predictor
 
@@ -83,6 +84,8 @@ def test_eval_shows_validation_beside_test_and_predict_takes_the_best_round(demo
     assert rows[best["round"]][1] == "*" and "*" not in rows[1 - best["round"]]
     assert f"{vals[0]:.4f}" in rows[0] and f"{state['summaries'][0]['test']['dice']:.4f}" in rows[0]
     assert text[-1] == f"best round by validation Dice: {best['round']} (validation Dice {best['val_dice']:.4f})"
+    report = verify_run(run)  # the validation tables are checked with the rest (read, made by their checkpoint)
+    assert report.ok, report.text()
     summary = predict(str(run), [Path(p) for p in _images(data, TEST_CASES[:1])], tmp_path / "best",
                       PredictOptions(labels=data / "labelsTr"), Predictor)
     assert summary["round"] == best["round"]  # --round best (the default) is the validation's choice
