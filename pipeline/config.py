@@ -75,6 +75,8 @@ class DataConfig(_Strict):
     split file (``val``) nor an SSL4MIS ``val.list`` gives a validation split; 0: none. Every round is
     evaluated on the validation cases and the best round is chosen by their Dice (test labels never choose
     anything); a pool too small to spare them gives none (said in the log), and the best round is the last."""
+    max_val: int | None = Field(default=None, ge=0)
+    """Keep only the first N validation cases (each is evaluated every round); None keeps all."""
     selection: list[str] | None = None
     """Labeled cases held out of training on which ``generalist.class_source: auto`` scores generalist and
     specialist each round. None: the validation split (split file ``val``, SSL4MIS ``val.list``,

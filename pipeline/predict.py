@@ -18,6 +18,11 @@ labels): ``OUTPUT/metrics.csv``, one row per case and foreground class (``pipeli
 the columns of the evaluation's tables), and ``OUTPUT/summary.json``, their means
 (``pipeline.evaluation.round_means``).
 
+With ``with_generalist`` each scan is segmented as relabeling makes a pseudo-label
+(:func:`pipeline.relabel.relabel_case`, :func:`generalist_plan`): the specialist's prompts through the run's
+generalist, each class from the run's class source; a scan of an unlabeled case then gets the mask the
+run stored for it (no embedding cache is used, so a SAM cached in float16 may differ in the last bits).
+
 Where the work runs: up to ``in_process_max`` scans (default :data:`IN_PROCESS_MAX`) are segmented in this
 process; more go to Ray actors (the given worker class, placed with the run's ``workers.sam`` resources:
 ``num_workers`` actors, ``num_gpus`` each where asked; a local Ray is started unless one is reachable,
@@ -44,17 +49,20 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.checkpoint import load_checkpoint
+from pipeline.class_source import configured_sources
 from pipeline.config import RunConfig
 from pipeline.data.dataset import CaseFiles, DatasetInfo, load_image, load_label
 from pipeline.devices import pick_device
 from pipeline.errors import CheckpointError, ConfigError, DatasetError, PlacementError
 from pipeline.evaluation import dataset_json_spacing, has_spacing_attribute, round_means, segment_volume
+from pipeline.generalist.factory import generalist_name, make_generalist
 from pipeline.interrupt import POLL_SECONDS, StopFlag
 from pipeline.metrics import case_metrics
 from pipeline.models.unet import build_model
 from pipeline.placement import alive_node_resources, describe, fits, request_of
 from pipeline.progress import Progress
 from pipeline.ray_runtime import init_ray, remote_actor
+from pipeline.relabel import relabel_case
 from pipeline.round_summary import best_round
 from pipeline.run_folder import RunFolder
 from pipeline.storage import read_table
@@ -78,11 +86,15 @@ Spacing = tuple[float, float, float]
 class PredictOptions:
     """``round``: ``best`` (by validation Dice, state.json; the last round without a validation split),
     ``last`` or a round number. ``labels``: a folder of reference labels (metrics). ``in_process_max``: more
-    scans than this go to Ray actors."""
+    scans than this go to Ray actors. ``with_generalist``: the pseudo-label of each scan instead of the
+    specialist's own label map."""
 
     round: str = "best"
     labels: Path | None = None
     in_process_max: int = IN_PROCESS_MAX
+    with_generalist: bool = False
+    """Segment as relabeling does (:func:`pipeline.relabel.relabel_case`): the specialist's prompts through
+    the run's generalist, each class from its source (:func:`generalist_plan`)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,28 @@ def load_specialist(folder: RunFolder, state: dict, r: int) -> tuple[dict, dict,
     sha = state["checkpoints"].get(str(r))
     ckpt = load_checkpoint(folder.checkpoint(r), expect_sha256=sha)
     return ckpt["model_args"], ckpt["trainer"]["student"], sha or ""
+
+
+def generalist_plan(cfg: RunConfig, state: dict, r: int, class_ids: list[int]) -> dict:
+    """What ``--with-generalist`` does with checkpoint ``r``: relabel as round ``r + 1`` would (its prompts'
+    random streams are those of that round) with the class sources of that round: the configured ones, and
+    for ``auto`` classes the choice the run recorded for round ``r + 1`` (made with checkpoint ``r``), else
+    the run's latest recorded choice, else the specialist (logged). ``{"round", "sources"}`` (None: every
+    class from the generalist)."""
+    configured = configured_sources(cfg.generalist.class_source, class_ids)
+    if set(configured.values()) == {"generalist"}:
+        return {"round": r + 1, "sources": None}
+    recorded = {s["round"]: s.get("relabel", {}).get("class_source") or {} for s in state.get("summaries", [])}
+    choice = recorded.get(r + 1) or next((recorded[k] for k in sorted(recorded, reverse=True) if recorded[k]), {})
+    sources = {}
+    for c, source in configured.items():
+        if source == "auto":
+            source = choice.get(str(c), "specialist")
+            if str(c) not in choice:
+                log.warning("class %d: class_source auto, but the run recorded no choice for it: the specialist's", c)
+        sources[c] = source
+    log.info("--with-generalist: class sources %s (relabeling as round %d)", sources, r + 1)
+    return {"round": r + 1, "sources": sources}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -305,21 +339,35 @@ class ScanSegmenter:
     """The specialist of one checkpoint, loaded once: segments a scan, writes its label file and, with a
     label, measures it. Used in the driver and inside ``workers.predictor.Predictor``."""
 
-    def __init__(self, cfg: RunConfig, model_args: dict, weights: dict, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: RunConfig, model_args: dict, weights: dict, device: torch.device,
+                 generalist: dict | None = None):
+        """``generalist``: :func:`generalist_plan`'s answer, to segment as relabeling does; None: the
+        specialist alone."""
+        self.cfg, self.device, self.plan = cfg, device, generalist
         self.model = build_model(model_args).to(device)
         self.model.load_state_dict(weights)
         self.model.eval()
         names = cfg.data.labels or {}
         self.class_names = {c: names.get(c, f"class{c}") for c in range(model_args["num_classes"])}
+        self.generalist = make_generalist(cfg.generalist, device) if generalist is not None else None
+
+    def label_map(self, scan: Scan, image: np.ndarray) -> np.ndarray:
+        """uint8 (X, Y, Z): the specialist's segmentation, or with a generalist the composed pseudo-label of
+        relabeling (no embedding cache: new scans would only fill the run's)."""
+        with torch.inference_mode():
+            if self.generalist is None:
+                return segment_volume(self.model, image, self.cfg, self.device)
+            out = relabel_case(scan.case_id, image, self.model, self.generalist, None, self.cfg,
+                               [c for c in self.class_names if c != 0], self.plan["round"], self.plan["round"] - 1,
+                               self.device, self.plan["sources"])
+        return np.ascontiguousarray(np.moveaxis(out.pseudo_label, 0, self.cfg.data.slice_axis))
 
     def segment(self, scan: Scan) -> dict:
         """``{"case_id", "rows", "seconds"}``, or ``{"case_id", "error"}`` naming the file."""
         start = time.perf_counter()
         try:
             image, _ = _single_case(scan.image, scan.case_id, self.class_names, "image")
-            with torch.inference_mode():
-                pred = segment_volume(self.model, image, self.cfg, self.device)
+            pred = self.label_map(scan, image)
             write_label(scan, pred)
             rows = metric_rows(scan, pred, self.class_names, self.cfg.eval.hd_percentile) if scan.label else []
         except DatasetError as e:
@@ -368,8 +416,8 @@ def _actor_count(cfg: RunConfig, num_scans: int) -> int:
     return max(1, min(wanted, placeable, num_scans))
 
 
-def _on_ray(cfg: RunConfig, worker_cls: type, model_args: dict, weights: dict, todo: list[Scan], stop: StopFlag,
-            progress: Progress, on_scan) -> list[dict]:
+def _on_ray(cfg: RunConfig, worker_cls: type, model_args: dict, weights: dict, plan: dict | None, todo: list[Scan],
+            stop: StopFlag, progress: Progress, on_scan) -> list[dict]:
     """Segment ``todo`` on predictor actors, one scan per call; a lost actor's scan is reported failed."""
     started = init_ray(cfg.workers)
     actors = []
@@ -378,7 +426,7 @@ def _on_ray(cfg: RunConfig, worker_cls: type, model_args: dict, weights: dict, t
         log.info("segmenting %d scans on %d Ray actors (%s each)", len(todo), n, describe(request_of(cfg.workers.sam)))
         remote = remote_actor(worker_cls, cfg.workers.sam, max_restarts=0)  # a lost actor's scan is re-queued
         weights_ref, cfg_dict = ray.put(weights), cfg.model_dump(mode="json")
-        actors = [remote.remote(cfg_dict, model_args, weights_ref) for _ in range(n)]
+        actors = [remote.remote(cfg_dict, model_args, weights_ref, plan) for _ in range(n)]
         return _drain(actors, list(todo), stop, progress, on_scan)
     finally:
         for actor in actors:
@@ -479,18 +527,20 @@ def predict(run_dir: str, inputs: list[Path], output: Path, options: PredictOpti
     todo = [s for s in scans if not s.output.is_file()]
     log.info("predicting %d scans with checkpoint %d of %s into %s (%d already written, skipped)", len(todo), r,
              run_dir, output, len(scans) - len(todo))
-    segmenter = ScanSegmenter(cfg, model_args, weights, pick_device(cfg.device))
+    plan = generalist_plan(cfg, state, r, list(range(1, model_args["num_classes"]))) if options.with_generalist else None
+    segmenter = ScanSegmenter(cfg, model_args, weights, pick_device(cfg.device), plan)
     progress = Progress(f"predict with round {r}", total=len(todo), unit="scans", logger=log)
     on_scan = on_scan or (lambda case_id: None)
     with StopFlag() as stop:
         if len(todo) <= options.in_process_max:
             results = _in_process(segmenter, todo, stop, progress, on_scan)
         else:
-            results = _on_ray(cfg, worker_cls, model_args, weights, todo, stop, progress, on_scan)
+            results = _on_ray(cfg, worker_cls, model_args, weights, plan, todo, stop, progress, on_scan)
     results += [segmenter.measure(s) for s in scans if s not in todo and s.label is not None]
     return _report(results, scans, Path(output), {
         "run": str(run_dir), "round": r, "checkpoint_sha256": sha, "scans": len(scans), "written_now": len(todo),
-        "class_names": {str(c): n for c, n in segmenter.class_names.items()}})
+        "class_names": {str(c): n for c, n in segmenter.class_names.items()},
+        "generalist": generalist_name(cfg.generalist) if plan else None})
 
 
 def _report(results: list[dict], scans: list[Scan], output: Path, head: dict) -> dict:

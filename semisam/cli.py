@@ -83,7 +83,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from semisam.launch import predict
 
     options = PredictOptions(round=args.round, labels=Path(args.labels) if args.labels else None,
-                             in_process_max=args.in_process_max)
+                             in_process_max=args.in_process_max, with_generalist=args.with_generalist)
     try:
         summary = predict(args.run, [Path(p) for p in args.inputs], Path(args.output), options)
     except Interrupted as e:
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--in-process-max", type=int, default=8, metavar="N",
                     help="up to N scans are segmented in this process, more on Ray actors with the run's "
                     "workers.sam resources (default 8)")
+    pr.add_argument("--with-generalist", action="store_true", help="segment as relabeling does: the "
+                    "specialist's prompts through the run's generalist, each class from the run's class source")
     pr.set_defaults(func=cmd_predict)
 
     f = sub.add_parser("verify", help="check a run folder (checkpoints, manifest vs arrays, state) and list every problem")

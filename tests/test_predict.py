@@ -171,3 +171,24 @@ def test_h5_scans_get_nifti_labels_with_their_spacing(demo_run, tmp_path):
     written = nib.load(tmp_path / "out" / "case_000.nii.gz")
     np.testing.assert_allclose(written.affine, np.diag([0.5, 0.7, 2.0, 1.0]))
     assert written.shape == (24, 40, 32) and np.asarray(written.dataobj).dtype == np.uint8
+
+
+def test_with_generalist_gives_the_pseudo_label_relabeling_stored(demo_run, tmp_path, capsys):
+    """--with-generalist --round 0 on an unlabeled case is what relabel round 1 stored for it (checkpoint 0,
+    the round's prompts, the run's generalist and class sources), voxel for voxel."""
+    from pipeline.store import PseudoLabelStore
+
+    data, run, state = demo_run
+    case = "case_005"  # unlabeled: relabeled in round 1 (train_order minus 2 labeled, minus the 2 validation)
+    assert main(["predict", str(run), *_images(data, [case]), str(tmp_path / "sam"), "--round", "0",
+                 "--with-generalist"]) == 0
+    capsys.readouterr()
+    written = np.asarray(nib.load(tmp_path / "sam" / f"{case}.nii.gz").dataobj)
+    stored = PseudoLabelStore(run / "pseudo_labels").read_case(1, case)
+    np.testing.assert_array_equal(written, stored["pseudo_label"])  # the demo's slice axis is 0
+    assert (stored["pseudo_label"] != stored["specialist"]).any()  # the generalist did change something
+    plain = predict(str(run), [Path(p) for p in _images(data, [case])], tmp_path / "plain", PredictOptions(round="0"),
+                    Predictor)
+    assert plain["generalist"] is None
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "plain" / f"{case}.nii.gz").dataobj),
+                                  stored["specialist"])

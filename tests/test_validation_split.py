@@ -64,6 +64,7 @@ def test_ssl4mis_val_list_is_the_validation_split_and_the_selection(tmp_path, ca
     assert split.val == info.split_lists["val"] == ["patient004_frame01"] and split.test == ["patient005_frame01"]
     cases, source = resolve_selection(cfg, info, split)
     assert cases == split.val and source.startswith("the validation split (val.list of")
+    assert resolve_split(cfg.model_copy(update={"max_val": 0}), info).val == []
     # without a test.list, val.list is the test split: it cannot also choose the best round
     (root / "test.list").unlink()
     info = read_dataset_info(root)

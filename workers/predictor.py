@@ -11,9 +11,10 @@ from workers.common import node_info, start_worker
 
 
 class Predictor:
-    def __init__(self, cfg_dict: dict, model_args: dict, weights: dict):
+    def __init__(self, cfg_dict: dict, model_args: dict, weights: dict, generalist: dict | None = None):
+        """``generalist``: ``pipeline.predict.generalist_plan``'s answer (``--with-generalist``), else None."""
         cfg, device = start_worker(cfg_dict, "sam")  # placed with the run's workers.sam resources
-        self.segmenter = ScanSegmenter(cfg, model_args, weights, device)
+        self.segmenter = ScanSegmenter(cfg, model_args, weights, device, generalist)
 
     def ready(self) -> dict:
         return node_info()

@@ -146,7 +146,8 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
     Explicit ``cfg.labeled`` takes precedence over ``cfg.split_file``; with explicit lists, a missing
     ``unlabeled`` means every dataset case not labeled or test, and a missing ``test`` means none. With
     neither, the dataset's list files (SSL4MIS) give ``train_order`` and ``test``.
-    ``cfg.max_unlabeled`` / ``cfg.max_test`` keep the first N after all checks.
+    ``cfg.max_unlabeled`` / ``cfg.max_test`` / ``cfg.max_val`` keep the first N after all checks (cases that
+    ``max_val`` drops are not returned to the unlabeled pool).
     """
     problems: list[str] = []
     file_val: list[str] | None = None
@@ -195,6 +196,10 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         unlabeled = unlabeled[: cfg.max_unlabeled]
     if cfg.max_test is not None:
         test = test[: cfg.max_test]
+    if cfg.max_val is not None and len(val) > cfg.max_val:
+        logger.info("data.max_val=%d: validating on the first %d of the %d validation cases", cfg.max_val,
+                    cfg.max_val, len(val))
+        val = val[: cfg.max_val]
     logger.info("split from %s: %d labeled, %d unlabeled, %d validation, %d test", source, len(labeled),
                 len(unlabeled), len(val), len(test))
     return Split(labeled=labeled, unlabeled=unlabeled, test=test, val=val, val_source=val_source)
