@@ -192,17 +192,19 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         read_as = f"\n  (the dataset {info.root} was read as the {info.layout})" if info.layout else ""
         raise ConfigError(f"bad split ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
                           + "\n  ".join(problems) + read_as)
-    if cfg.max_unlabeled is not None:
-        unlabeled = unlabeled[: cfg.max_unlabeled]
-    if cfg.max_test is not None:
-        test = test[: cfg.max_test]
-    if cfg.max_val is not None and len(val) > cfg.max_val:
-        logger.info("data.max_val=%d: validating on the first %d of the %d validation cases", cfg.max_val,
-                    cfg.max_val, len(val))
-        val = val[: cfg.max_val]
+    unlabeled, test, val = _first_n(cfg, unlabeled, test, val)
     logger.info("split from %s: %d labeled, %d unlabeled, %d validation, %d test", source, len(labeled),
                 len(unlabeled), len(val), len(test))
     return Split(labeled=labeled, unlabeled=unlabeled, test=test, val=val, val_source=val_source)
+
+
+def _first_n(cfg: DataConfig, unlabeled: list[str], test: list[str], val: list[str]) -> tuple[list[str], ...]:
+    """``data.max_unlabeled`` / ``max_test`` / ``max_val``: the first N of each part."""
+    if cfg.max_val is not None and len(val) > cfg.max_val:
+        logger.info("data.max_val=%d: validating on the first %d of the %d validation cases", cfg.max_val,
+                    cfg.max_val, len(val))
+    cut = [(unlabeled, cfg.max_unlabeled), (test, cfg.max_test), (val, cfg.max_val)]
+    return tuple(part if n is None else part[:n] for part, n in cut)
 
 
 def resolve_val(cfg: DataConfig, info: DatasetInfo, file_val: list[str] | None, source: str, test: list[str],
