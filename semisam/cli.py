@@ -79,11 +79,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import PredictOptions, summary_text
+    from pipeline.predict import IN_PROCESS_MAX, PredictOptions, summary_text
     from semisam.launch import predict
 
+    in_process_max = IN_PROCESS_MAX if args.in_process_max is None else args.in_process_max
     options = PredictOptions(round=args.round, labels=Path(args.labels) if args.labels else None,
-                             in_process_max=args.in_process_max, with_generalist=args.with_generalist)
+                             in_process_max=in_process_max, with_generalist=args.with_generalist)
     try:
         summary = predict(args.run, [Path(p) for p in args.inputs], Path(args.output), options)
     except Interrupted as e:
@@ -158,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "split), last, or a round number (default: best)")
     pr.add_argument("--labels", metavar="DIR", help="reference labels <case>.nii.gz/.nii/.h5: also write "
                     "OUTPUT/metrics.csv (Dice, HD95 per case and class) and OUTPUT/summary.json")
-    pr.add_argument("--in-process-max", type=int, default=8, metavar="N",
+    pr.add_argument("--in-process-max", type=int, default=None, metavar="N",
                     help="up to N scans are segmented in this process, more on Ray actors with the run's "
-                    "workers.sam resources (default 8)")
+                    "workers.sam resources (default: pipeline.predict.IN_PROCESS_MAX, 8)")
     pr.add_argument("--with-generalist", action="store_true", help="segment as relabeling does: the "
                     "specialist's prompts through the run's generalist, each class from the run's class source")
     pr.set_defaults(func=cmd_predict)
