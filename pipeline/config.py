@@ -70,9 +70,17 @@ class DataConfig(_Strict):
     """Keep only the first N unlabeled cases (for quick runs); None keeps all."""
     max_test: int | None = Field(default=None, ge=0)
     """Keep only the first N test cases (for quick runs); None keeps all."""
+    num_val: int = Field(default=0, ge=0)
+    """Validation cases held out of the unlabeled pool (its last N cases that have labels) when neither the
+    split file (``val``) nor an SSL4MIS ``val.list`` gives a validation split; 0: none. Every round is
+    evaluated on the validation cases and the best round is chosen by their Dice (test labels never choose
+    anything); a pool too small to spare them gives none (said in the log), and the best round is the last."""
+    max_val: int | None = Field(default=None, ge=0)
+    """Keep only the first N validation cases (each is evaluated every round); None keeps all."""
     selection: list[str] | None = None
     """Labeled cases held out of training on which ``generalist.class_source: auto`` scores generalist and
-    specialist each round. None: an SSL4MIS folder's ``val.list``, else the labeled training cases."""
+    specialist each round. None: the validation split (split file ``val``, SSL4MIS ``val.list``,
+    ``data.num_val``), else an SSL4MIS folder's ``val.list``, else the labeled training cases."""
     max_selection: int | None = Field(default=None, ge=1)
     """Keep only the first N selection cases."""
     slice_axis: int = Field(default=0, ge=0, le=2)

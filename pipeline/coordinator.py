@@ -4,6 +4,10 @@
     round r>0: relabel unlabeled cases with checkpoint r-1   -> store round r
                train with the round-r pseudo-labels          -> checkpoint r -> evaluate
 
+Evaluate: on the validation split, when the run has one (every round; ``eval/val_round_NNN.parquet``; the
+best round by validation Dice goes to state.json's ``best``, which ``semisam predict --round best`` takes),
+and on the test split (``eval.every_round``; ``eval/round_NNN.parquet``). Test labels choose nothing.
+
 With the pseudo-label term off (``train.pseudo_label.enabled: false`` or weight 0, e.g. plain Mean
 Teacher) no SAM pool is started and every round only trains.
 
@@ -54,7 +58,7 @@ from pipeline.resume import (  # noqa: F401 - prepare_run_dir, RESUMABLE_CHANGES
     prepare_run_dir,
     warm_start,
 )
-from pipeline.round_summary import RoundSummary, relabel_stats
+from pipeline.round_summary import RoundSummary, best_round, relabel_stats
 from pipeline.run_folder import RunFolder
 from pipeline.run_lock import RunLock
 from pipeline.storage import read_table, write_table
@@ -200,6 +204,7 @@ class Coordinator:
                 self.events.scalars(r, round_scalars(asdict(summary), self.info.labels))
                 self.state["completed"].append(r)
                 self.state["summaries"].append(asdict(summary))
+                self.state["best"] = best_round(self.state["summaries"])
                 self.folder.save_state(self.state)
                 self.on_event("round_done", self, round=r)
             return summaries
@@ -214,9 +219,12 @@ class Coordinator:
             self._train(r, summary, r if pseudo_cases else None, pseudo_cases,
                         reuse_published=summary.relabel.get("relabeled_now", 0) == 0)
         self.on_event("published", self, round=r)
+        start_eval = time.perf_counter()
+        if self.split.val:  # every round: the validation Dice chooses the best round (state.json "best")
+            summary.val = round_means(self.trainer_client.call(f"validating round {r}", "evaluate", r, "val"))
         if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
-            start_eval = time.perf_counter()
             summary.test = round_means(self.trainer_client.call(f"evaluating round {r}", "evaluate", r))
+        if summary.val or summary.test:
             summary.timing["eval_s"] = round(time.perf_counter() - start_eval, 3)
         summary.seconds = time.perf_counter() - start
         return summary

@@ -90,6 +90,15 @@ def distance_spacing(data: DataConfig, volumes: list[EvalVolume]) -> dict[str, S
     return {v.case_id: v.spacing if has_spacing_attribute(info.cases[v.case_id].image) else None for v in volumes}
 
 
+def segment_volume(model: UNet, image: np.ndarray, cfg: RunConfig, device: torch.device) -> np.ndarray:
+    """The specialist's label map uint8 (X, Y, Z) of class values for a normalised image float32 (X, Y, Z)
+    (``pipeline.data.dataset.load_image``): slices along ``data.slice_axis`` (2D) or the sliding window
+    (3D) of :func:`pipeline.models.inference.predict_volume`, then the argmax. What evaluation scores and
+    ``semisam predict`` writes."""
+    logits = predict_volume(model, image, cfg.data.slice_axis, tuple(cfg.model.patch_size), device)
+    return logits.argmax(0).astype(np.uint8)
+
+
 def evaluate_model(model: UNet, volumes: list[EvalVolume], cfg: RunConfig, class_ids: list[int],
                    device: torch.device) -> pd.DataFrame:
     """One row per (case, class): case_id, class_id, dice, jaccard, hd95_<unit>, asd_<unit>, pred/ref voxels.
@@ -104,8 +113,7 @@ def evaluate_model(model: UNet, volumes: list[EvalVolume], cfg: RunConfig, class
                     sum(s is None for s in spacings.values()), len(spacings))
     rows = []
     for v in volumes:
-        logits = predict_volume(model, v.image, cfg.data.slice_axis, tuple(cfg.model.patch_size), device)
-        pred = logits.argmax(0).astype(np.uint8)
+        pred = segment_volume(model, v.image, cfg, device)
         spacing = spacings[v.case_id] if known else None
         for r in case_metrics(pred, v.label, spacing, class_ids, cfg.eval.hd_percentile):
             rows.append({"case_id": v.case_id, **r})

@@ -100,8 +100,27 @@ def eval_frame(run_dir: Path) -> pd.DataFrame:
         if "class_name" in df:  # tables written before class names were recorded have none
             names.update(zip(df["class_id"].astype(int), df["class_name"].astype(str), strict=True))
     frame = pd.DataFrame(rows)
+    val = _val_frame(RunFolder(run_dir))
+    if not val.empty:
+        frame = val.merge(frame, on="round", how="outer").sort_values("round", kind="stable").reset_index(drop=True)
     frame.attrs["class_names"] = names
+    frame.attrs["best"] = RunFolder(run_dir).read_state().get("best")
     return frame
+
+
+def _val_frame(folder: RunFolder) -> pd.DataFrame:
+    """Per round with a validation table: ``val_cases``, ``val_dice`` and the validation HD95
+    (``val_hd95_mm`` or ``val_hd95_vox``); empty for a run without a validation split."""
+    from pipeline.evaluation import round_means
+
+    rows = []
+    for f in folder.val_tables():
+        df = read_table(f)
+        means = round_means(df)
+        hd = next(k for k in means if k.startswith("hd95_") and k != "hd95_nan")
+        rows.append({"round": int(df["round"].iloc[0]), "val_cases": df["case_id"].nunique(),
+                     "val_dice": means["dice"], f"val_{hd}": means[hd]})
+    return pd.DataFrame(rows)
 
 
 def class_label(column: str, names: dict[int, str]) -> str:
@@ -119,4 +138,14 @@ def eval_table(run_dir: Path) -> str:
         frozenset(units), "distances in mm (hd95_mm, asd_mm) and in voxels (hd95_vox, asd_vox)")
     names = frame.attrs.get("class_names", {})
     shown = frame.rename(columns={c: f"dice_{class_label(c, names)}" for c in frame.columns if c.startswith("dice_class")})
-    return header + "\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    best = frame.attrs.get("best")
+    if "val_dice" in frame:  # validation beside test, the best round marked
+        shown = shown.rename(columns={c: f"test_{c}" for c in shown.columns if c != "round" and not c.startswith("val_")})
+        shown.insert(1, "best", ["*" if best and r == best["round"] else "" for r in frame["round"]])
+        order = ["round", "best", *[c for c in shown.columns if c.startswith("val_")], "test_cases", "test_dice"]
+        shown = shown[[*order, *[c for c in shown.columns if c not in order]]]
+        footer = (f"best round by validation Dice: {best['round']} (validation Dice {best['val_dice']:.4f})"
+                  if best else "best round: none recorded yet")
+    else:
+        footer = "no validation split: the best round is the last (semisam predict --round best takes it)"
+    return header + "\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.4f}") + "\n" + footer

@@ -55,16 +55,22 @@ class RoundSummary:
     """Wall seconds of the round's parts: ``relabel_s`` (with its audit), ``train_s`` (training and
     publishing, or restoring a published checkpoint), ``eval_s``; in an overlapped round the first two ran
     at the same time."""
+    val: dict = field(default_factory=dict)
+    """Validation means (:func:`pipeline.evaluation.round_means` on the validation split; empty without one):
+    they choose the best round (:func:`best_round`)."""
 
     def line(self) -> str:
         parts = [f"round {self.round}", *_relabel_parts(self.relabel),
-                 f"train loss {self.train.get('loss', float('nan')):.4f}", *_test_parts(self.test),
+                 f"train loss {self.train.get('loss', float('nan')):.4f}",
+                 *([f"val Dice {self.val['dice']:.4f}"] if self.val else []), *_test_parts(self.test),
                  *_audit_parts(self.audit), f"{self.seconds:.1f} s"]
         return " | ".join(parts)
 
     def row(self) -> dict:
         """The summary as one flat table row (``semisam run``'s closing table)."""
         row = {"round": self.round, "seconds": round(self.seconds, 1), "train_loss": self.train.get("loss")}
+        if self.val:
+            row["val_dice"] = self.val.get("dice")
         row.update({f"test_{k}": v for k, v in self.test.items()})
         if self.relabel:
             row["pl_score"] = self.relabel["score_mean"]
@@ -110,3 +116,16 @@ def _audit_parts(audit: dict) -> list[str]:
         parts.append(f"on certain voxels {audit['pseudo_dice_certain']:.4f} vs {audit['specialist_dice_certain']:.4f} "
                      f"({audit['certain_fraction']:.3f} of the pseudo-label certain)")
     return parts
+
+
+def best_round(summaries: list[dict]) -> dict | None:
+    """The best round by validation Dice: ``{"round", "val_dice", "test_dice"}`` (``test_dice`` NaN when the
+    round was not tested; it is recorded, never compared), the earliest of equal ones; None when no round
+    has a validation Dice (no validation split: the last round is then the one to use). ``summaries``:
+    :class:`RoundSummary` dicts as kept in state.json."""
+    scored = [s for s in summaries if s.get("val") and not math.isnan(s["val"].get("dice", math.nan))]
+    if not scored:
+        return None
+    best = max(scored, key=lambda s: (s["val"]["dice"], -s["round"]))
+    return {"round": best["round"], "val_dice": best["val"]["dice"],
+            "test_dice": best.get("test", {}).get("dice", math.nan)}

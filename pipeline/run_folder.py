@@ -9,6 +9,7 @@ Layout (``output_dir/name``; a local path or an fsspec URL, see :mod:`pipeline.s
     pseudo_labels/       the store (masks.zarr + manifest/), see :mod:`pipeline.store`
     embeddings.zarr/     the embedding cache (unless ``generalist.cache_dir`` names a shared one)
     eval/ audit/ selection/   round_NNN.parquet per round: test metrics, pseudo-label audit, class sources
+    eval/val_round_NNN.parquet   validation metrics per round (runs with a validation split)
     tb/                  TensorBoard events (:mod:`pipeline.events`)
 
 Every reader and writer of these names goes through :class:`RunFolder`; nothing else spells them.
@@ -84,6 +85,16 @@ class RunFolder:
     def table(self, kind: Table, round_index: int) -> Location:
         """``<kind>/round_NNN.parquet``: the test metrics (eval), audit or class-source table of a round."""
         return self.root / kind / f"round_{round_index:03d}.parquet"
+
+    def val_table(self, round_index: int) -> Location:
+        """``eval/val_round_NNN.parquet``: a round's metrics on the validation split (beside its test table)."""
+        return self.root / "eval" / f"val_round_{round_index:03d}.parquet"
+
+    def val_tables(self) -> list[Location]:
+        """Every ``eval/val_round_*.parquet`` there is, in round order."""
+        folder = self.root / "eval"
+        names = sorted(n for n in folder.list_names() if n.startswith("val_round_") and n.endswith(".parquet"))
+        return [folder / n for n in names]
 
     def tables(self, kind: Table) -> list[Location]:
         """Every ``<kind>/round_*.parquet`` there is, in round order (listing works on object storage)."""

@@ -7,8 +7,8 @@ in two parts; every case with manifest rows has its arrays, and **every chunk of
 flipped bit fails its CRC-32C; the masks are small, uint8, so this stays quick: the embedding cache,
 which is large, is not read); every unlabeled case of a completed relabel round is there (when the
 dataset is reachable); the provenance chain: each round's pseudo-labels were made by the checkpoint
-before it and each test table by its round's checkpoint, as state.json records them; eval/audit tables
-read; who holds the lock. A local path or any fsspec URL; a missing folder or bucket is named as such.
+before it and each test and validation table by its round's checkpoint, as state.json records them;
+eval/audit tables read; who holds the lock. A local path or any fsspec URL; a missing folder or bucket is named as such.
 """
 
 from __future__ import annotations
@@ -88,19 +88,21 @@ def _state(folder: RunFolder, rep: VerifyReport) -> dict:
 
 
 def _check_tables(folder: RunFolder, completed: list[int], checkpoints: dict, rep: VerifyReport) -> None:
-    """Every eval and audit table reads; a completed round's test table was made by its own checkpoint."""
-    for kind in ("eval", "audit"):
-        for loc in folder.tables(kind):
-            try:
-                table = read_table(loc)
-            except SemisamError as e:
-                rep.problems.append(str(e))
-                continue
-            r = int(loc.name.split("_")[1].split(".")[0])
-            made = set(table["checkpoint_sha256"].dropna()) if "checkpoint_sha256" in table else set()
-            if kind == "eval" and r in completed and made and made != {checkpoints.get(str(r))}:
-                rep.problems.append(f"{loc} was computed with another checkpoint than checkpoint {r} "
-                                    f"({RunFolder.STATE}); a rerun of `semisam run` redoes rounds {r}..")
+    """Every eval (test and validation) and audit table reads; a completed round's test and validation
+    tables were made by its own checkpoint."""
+    tables = [("eval", loc) for loc in [*folder.tables("eval"), *folder.val_tables()]]
+    tables += [("audit", loc) for loc in folder.tables("audit")]
+    for kind, loc in tables:
+        try:
+            table = read_table(loc)
+        except SemisamError as e:
+            rep.problems.append(str(e))
+            continue
+        r = int(loc.name.removeprefix("val_").split("_")[1].split(".")[0])
+        made = set(table["checkpoint_sha256"].dropna()) if "checkpoint_sha256" in table else set()
+        if kind == "eval" and r in completed and made and made != {checkpoints.get(str(r))}:
+            rep.problems.append(f"{loc} was computed with another checkpoint than checkpoint {r} "
+                                f"({RunFolder.STATE}); a rerun of `semisam run` redoes rounds {r}..")
 
 
 def _check_checkpoints(folder: RunFolder, completed: list[int], recorded: dict, rep: VerifyReport) -> None:

@@ -2,7 +2,8 @@
 
     semisam run CONFIG [key.sub=value ...]   run or resume a run (starts a local Ray unless one is reachable)
     semisam inspect STORE [--png DIR]        per-round table of a pseudo-label store (+ overlay pictures)
-    semisam eval RUN                         per-round test metrics of a run folder
+    semisam eval RUN                         per-round validation and test metrics of a run folder
+    semisam predict RUN INPUT... OUTPUT      segment scans with a run's specialist, one NIfTI label each
     semisam verify RUN                       check a run folder and list every problem
     semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
     semisam validate ROOT                    check a dataset folder (MSD, h5, SSL4MIS; detected) and list every problem
@@ -77,6 +78,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import IN_PROCESS_MAX, PredictOptions, summary_text
+    from semisam.launch import predict
+
+    in_process_max = IN_PROCESS_MAX if args.in_process_max is None else args.in_process_max
+    options = PredictOptions(round=args.round, labels=Path(args.labels) if args.labels else None,
+                             in_process_max=in_process_max, with_generalist=args.with_generalist)
+    try:
+        summary = predict(args.run, [Path(p) for p in args.inputs], Path(args.output), options)
+    except Interrupted as e:
+        log.warning("%s (finished label files in %s are kept and skipped by a rerun)", e, args.output)
+        return exit_code(e.signum)
+    _out(summary_text(summary))
+    return 1 if summary["failed"] else 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.data.synthetic import write_synthetic_msd
     from pipeline.generalist.sam import save_tiny_sam
@@ -128,10 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="for --pick random")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("eval", help="per-round test metrics of a run folder")
+    e = sub.add_parser("eval", help="per-round validation and test metrics of a run folder, the best round marked")
     e.add_argument("run", help="the run folder, e.g. runs/demo")
     e.add_argument("--png", metavar="DIR", help="also plot Dice per round (and the pseudo-label audit) here")
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="segment scans (NIfTI, h5) with a run's specialist, one NIfTI label file each")
+    pr.add_argument("run", help="the run folder, e.g. runs/demo")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help="scan files or folders of them (.nii.gz/.nii, nnU-Net _0000 names, .h5 with 'image')")
+    pr.add_argument("output", metavar="OUTPUT", help="folder for <case>.nii.gz (finished files are skipped on a rerun)")
+    pr.add_argument("--round", default="best", help="best (by validation Dice; the last without a validation "
+                    "split), last, or a round number (default: best)")
+    pr.add_argument("--labels", metavar="DIR", help="reference labels <case>.nii.gz/.nii/.h5: also write "
+                    "OUTPUT/metrics.csv (Dice, HD95 per case and class) and OUTPUT/summary.json")
+    pr.add_argument("--in-process-max", type=int, default=None, metavar="N",
+                    help="up to N scans are segmented in this process, more on Ray actors with the run's "
+                    "workers.sam resources (default: pipeline.predict.IN_PROCESS_MAX, 8)")
+    pr.add_argument("--with-generalist", action="store_true", help="segment as relabeling does: the "
+                    "specialist's prompts through the run's generalist, each class from the run's class source")
+    pr.set_defaults(func=cmd_predict)
 
     f = sub.add_parser("verify", help="check a run folder (checkpoints, manifest vs arrays, state) and list every problem")
     f.add_argument("run", help="the run folder: a path or URL, e.g. runs/demo or s3://bucket/runs/demo")

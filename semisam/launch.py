@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 from pipeline import coordinator
+from pipeline import predict as prediction
 from pipeline.config import RunConfig
 from pipeline.round_summary import RoundSummary
+from workers.predictor import Predictor
 from workers.sam_worker import SamWorker
 from workers.trainer import TrainerWorker
 
@@ -29,3 +31,8 @@ def run(cfg: RunConfig, on_event=None) -> list[RoundSummary]:
 def run_with_stats(cfg: RunConfig, on_event=None) -> tuple[list[RoundSummary], list[dict]]:
     """:func:`run`, plus each live SAM actor's counters (see :func:`pipeline.coordinator.run_with_stats`)."""
     return coordinator.run_with_stats(cfg, ACTORS, on_event)
+
+
+def predict(run_dir: str, inputs, output, options: prediction.PredictOptions, on_scan=None) -> dict:
+    """:func:`pipeline.predict.predict` with the project's ``workers.predictor.Predictor`` actors."""
+    return prediction.predict(run_dir, inputs, output, options, Predictor, on_scan)

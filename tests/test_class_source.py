@@ -124,7 +124,7 @@ def test_selection_defaults_to_val_list_and_refuses_overlaps():
     info = read_dataset_info(root, "ssl4mis", cfg.data.labels)
     split = resolve_split(cfg.data, info)
     cases, source = resolve_selection(cfg.data, info, split)
-    assert cases == (root / "val.list").read_text().split() and source.startswith("val.list")
+    assert cases == (root / "val.list").read_text().split() and source.startswith("the validation split (val.list")
     bad = config_from_dict({"data": {**data, "selection": [split.labeled[0], "patient999_frame01"]}})
     with pytest.raises(ConfigError, match=r"(?s)patient999_frame01. is not in the dataset.*patient099_frame01. is also a labeled case"):
         resolve_selection(bad.data, info, split)

@@ -46,11 +46,10 @@ class TrainerWorker:
         self.labeled = [TrainVolume(c, load_image(self.info, c, norm)[0], load_label(self.info, c)) for c in self.split.labeled]
         # Unlabeled cases: images only. Their labels, if the files exist, are never opened here.
         self.unlabeled = [TrainVolume(c, load_image(self.info, c, norm)[0]) for c in self.split.unlabeled]
-        self.test = []
-        for c in self.split.test:
-            image, spacing = load_image(self.info, c, norm)
-            self.test.append(EvalVolume(c, image, load_label(self.info, c), spacing))
-        for volumes, role in ((self.labeled, "labeled"), (self.unlabeled, "unlabeled"), (self.test, "test")):
+        self.test = [self._eval_volume(c) for c in self.split.test]
+        self.val = [self._eval_volume(c) for c in self.split.val]  # validation: chooses the best round
+        for volumes, role in ((self.labeled, "labeled"), (self.unlabeled, "unlabeled"), (self.test, "test"),
+                              (self.val, "validation")):
             warn_constant_images(volumes, role)
         self.trainer = SpecialistTrainer(cfg, self.info.num_classes, self.device)
         self.events = None  # TensorBoard's tb/train, opened on the first training round (pipeline.events)
@@ -61,8 +60,12 @@ class TrainerWorker:
         self.trained: int | None = None
         self._generalist = None  # built on first select_sources (generalist.class_source: auto)
         self._cache = None
-        log.info("trainer on %s: %d labeled, %d unlabeled, %d test cases", self.device,
-                 len(self.labeled), len(self.unlabeled), len(self.test))
+        log.info("trainer on %s: %d labeled, %d unlabeled, %d validation, %d test cases", self.device,
+                 len(self.labeled), len(self.unlabeled), len(self.val), len(self.test))
+
+    def _eval_volume(self, case_id: str) -> EvalVolume:
+        image, spacing = load_image(self.info, case_id, self.cfg.data.normalization)
+        return EvalVolume(case_id, image, load_label(self.info, case_id), spacing)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def ready(self, run_token: str) -> dict:
@@ -142,16 +145,19 @@ class TrainerWorker:
         self.events.flush()
         return stats
 
-    def evaluate(self, round_index: int) -> pd.DataFrame:
-        """Evaluate checkpoint ``round_index`` on the test split; also written to ``eval/round_NNN.parquet``
+    def evaluate(self, round_index: int, part: str = "test") -> pd.DataFrame:
+        """Evaluate checkpoint ``round_index`` on the test split (``part="test"``, written to
+        ``eval/round_NNN.parquet``) or the validation split (``part="val"``, ``eval/val_round_NNN.parquet``),
         with the class's name (``class_name``, from dataset.json or ``data.labels``) and the checkpoint's
         SHA-256 (``checkpoint_sha256``) in every row."""
         self._holds(round_index, f"evaluate round {round_index}")
-        df = evaluate_model(self.trainer.student, self.test, self.cfg, self.class_ids, self.device)
+        volumes = {"test": self.test, "val": self.val}[part]
+        df = evaluate_model(self.trainer.student, volumes, self.cfg, self.class_ids, self.device)
         df.insert(0, "round", round_index)
         df.insert(df.columns.get_loc("class_id") + 1, "class_name", df["class_id"].map(self.info.labels))
         df["checkpoint_sha256"] = self.sha
-        write_table(df, RunFolder(self.cfg.run_dir).table("eval", round_index))
+        folder = RunFolder(self.cfg.run_dir)
+        write_table(df, folder.table("eval", round_index) if part == "test" else folder.val_table(round_index))
         return df
 
     def select_sources(self, round_index: int, case_ids: list[str]) -> pd.DataFrame:

@@ -1,10 +1,18 @@
 """Which cases are labeled, unlabeled and test in a run.
 
-From a split file (JSON ``{"test": [...], "train_order": [...]}``; the first ``num_labeled`` of
-``train_order`` are labeled, the rest unlabeled), from explicit ``data.labeled/unlabeled/test``, or,
-with neither, from the list files of an SSL4MIS folder (``train.list`` or ``train_slices.list`` as
-``train_order``, ``test.list`` or else ``val.list`` as ``test``; see ``pipeline.data.ssl4mis``).
-Only file listings are used here: no label file is opened.
+From a split file (JSON ``{"test": [...], "train_order": [...]}``, optionally ``"val": [...]``; the
+first ``num_labeled`` of ``train_order`` are labeled, the rest unlabeled), from explicit
+``data.labeled/unlabeled/test``, or, with neither, from the list files of an SSL4MIS folder (``train.list``
+or ``train_slices.list`` as ``train_order``, ``test.list`` or else ``val.list`` as ``test``; see
+``pipeline.data.ssl4mis``). Only file listings are used here: no label file is opened.
+
+The validation split (:func:`resolve_val`): labeled cases that nothing trains on; every round is
+evaluated on them and the best round is the one with the highest validation Dice (test labels never
+choose anything). From the split file's ``val``, else an SSL4MIS folder's ``val.list`` (when ``test.list``
+gives the test split; otherwise ``val.list`` *is* the test split), else the last ``data.num_val`` cases of
+the unlabeled pool that have labels; none when there is no source or the pool is too small (logged).
+The same cases are the default selection cases of ``generalist.class_source: auto``
+(:func:`resolve_selection`): neither use trains on them, so one held-out set serves both.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ class Split:
     selection: list[str] = field(default_factory=list)
     """Held-out labeled cases for ``generalist.class_source: auto`` (set by the coordinator's preflight,
     :func:`resolve_selection`; empty otherwise). Not part of :attr:`all_cases`."""
+    val: list[str] = field(default_factory=list)
+    """Validation cases (:func:`resolve_val`): labeled, never trained on; they choose the best round.
+    Not part of :attr:`all_cases`. Empty when the run has no validation split."""
+    val_source: str = field(default="", compare=False)
+    """Where :attr:`val` came from, for messages ("" when there is none); not compared."""
 
     @property
     def all_cases(self) -> list[str]:
@@ -42,8 +55,8 @@ class Split:
         return [*self.labeled, *self.unlabeled, *self.test]
 
 
-def _read_split_file(path: Path) -> tuple[list[str], list[str]]:
-    """(test, train_order) of a split file; ConfigError naming the file and key when malformed."""
+def _read_split_file(path: Path) -> tuple[list[str], list[str], list[str] | None]:
+    """(test, train_order, val or None) of a split file; ConfigError naming the file and key when malformed."""
     if not path.is_file():
         raise ConfigError(f"split file {path} does not exist")
     try:
@@ -58,7 +71,10 @@ def _read_split_file(path: Path) -> tuple[list[str], list[str]]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"split file {path}: {key!r} must be a list of case id strings")
         parts.append(value)
-    return parts[0], parts[1]
+    val = tree.get("val")
+    if val is not None and (not isinstance(val, list) or not all(isinstance(v, str) for v in val)):
+        raise ConfigError(f"split file {path}: 'val' must be a list of case id strings (validation cases)")
+    return parts[0], parts[1], val
 
 
 def _suggest(case_id: str, known: list[str]) -> str:
@@ -86,7 +102,7 @@ def _check(parts: dict[str, list[str]], info: DatasetInfo, source: str, problems
             if files is None:
                 problems.append(f"{source} ({part}): case {case_id!r} is not in the dataset {info.root}"
                                 f"{_suggest(case_id, known)}")
-            elif part in ("labeled", "test", "selection") and files.label is None:
+            elif part in ("labeled", "test", "selection", "val") and files.label is None:
                 problems.append(f"{source} ({part}): case {case_id!r} has no label file "
                                 f"(its image is {files.image})")
 
@@ -130,9 +146,11 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
     Explicit ``cfg.labeled`` takes precedence over ``cfg.split_file``; with explicit lists, a missing
     ``unlabeled`` means every dataset case not labeled or test, and a missing ``test`` means none. With
     neither, the dataset's list files (SSL4MIS) give ``train_order`` and ``test``.
-    ``cfg.max_unlabeled`` / ``cfg.max_test`` keep the first N after all checks.
+    ``cfg.max_unlabeled`` / ``cfg.max_test`` / ``cfg.max_val`` keep the first N after all checks (cases that
+    ``max_val`` drops are not returned to the unlabeled pool).
     """
     problems: list[str] = []
+    file_val: list[str] | None = None
     if cfg.labeled is not None:
         if cfg.split_file is not None:
             logger.warning("data.labeled is given: ignoring data.split_file %s", cfg.split_file)
@@ -150,7 +168,7 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
             raise ConfigError("give data.split_file with data.num_labeled, or data.labeled/unlabeled/test")
         if cfg.split_file is not None:
             source = f"split file {cfg.split_file}"
-            test, train_order = _read_split_file(Path(cfg.split_file))
+            test, train_order, file_val = _read_split_file(Path(cfg.split_file))
         else:
             source, test, train_order = _split_from_list_files(info)
         k = cfg.num_labeled
@@ -167,28 +185,71 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
             problems.append(f"{source}: num_labeled={cfg.num_labeled} but train_order has only "
                             f"{len(train_order)} cases")
         labeled, unlabeled = train_order[:k], train_order[k:]
-    _check({"labeled": labeled, "unlabeled": unlabeled, "test": test}, info, source, problems)
+    val, val_source = resolve_val(cfg, info, file_val, source, test, unlabeled)
+    unlabeled = [c for c in unlabeled if c not in set(val)]
+    _check({"labeled": labeled, "unlabeled": unlabeled, "test": test, "val": val}, info, source, problems)
     if problems:
         read_as = f"\n  (the dataset {info.root} was read as the {info.layout})" if info.layout else ""
         raise ConfigError(f"bad split ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
                           + "\n  ".join(problems) + read_as)
-    if cfg.max_unlabeled is not None:
-        unlabeled = unlabeled[: cfg.max_unlabeled]
-    if cfg.max_test is not None:
-        test = test[: cfg.max_test]
-    logger.info("split from %s: %d labeled, %d unlabeled, %d test", source, len(labeled), len(unlabeled),
-                len(test))
-    return Split(labeled=labeled, unlabeled=unlabeled, test=test)
+    unlabeled, test, val = _first_n(cfg, unlabeled, test, val)
+    logger.info("split from %s: %d labeled, %d unlabeled, %d validation, %d test", source, len(labeled),
+                len(unlabeled), len(val), len(test))
+    return Split(labeled=labeled, unlabeled=unlabeled, test=test, val=val, val_source=val_source)
+
+
+def _first_n(cfg: DataConfig, unlabeled: list[str], test: list[str], val: list[str]) -> tuple[list[str], ...]:
+    """``data.max_unlabeled`` / ``max_test`` / ``max_val``: the first N of each part."""
+    if cfg.max_val is not None and len(val) > cfg.max_val:
+        logger.info("data.max_val=%d: validating on the first %d of the %d validation cases", cfg.max_val,
+                    cfg.max_val, len(val))
+    cut = [(unlabeled, cfg.max_unlabeled), (test, cfg.max_test), (val, cfg.max_val)]
+    return tuple(part if n is None else part[:n] for part, n in cut)
+
+
+def resolve_val(cfg: DataConfig, info: DatasetInfo, file_val: list[str] | None, source: str, test: list[str],
+                unlabeled: list[str]) -> tuple[list[str], str]:
+    """(validation case ids, where from) of a run; ``([], "")`` when it has none (said in the log).
+
+    The split file's ``val`` (``file_val``), else an SSL4MIS folder's ``val.list`` when the test split
+    comes from ``test.list`` (the split is not read from a split file or explicit lists), else the last
+    ``data.num_val`` cases of the unlabeled pool ``unlabeled`` that have a label file (the caller removes
+    them from the pool); with fewer such cases, or a pool that would keep fewer than ``data.num_val``
+    unlabeled cases, none. Labels are not opened here; ``_check`` and ``validate_cases`` check them."""
+    if file_val is not None:
+        return list(file_val), f"'val' of {source}"
+    lists = info.split_lists
+    if cfg.labeled is None and cfg.split_file is None and lists.get("val"):
+        if "test" in lists:
+            return list(lists["val"]), f"val.list of {info.root}"
+        logger.info("no validation split: val.list of %s is the test split here (there is no test.list); the "
+                    "best round is the last", info.root)
+        return [], ""
+    if not cfg.num_val:
+        logger.info("no validation split (no 'val' in the split file, no val.list, data.num_val is 0): the best "
+                    "round is the last")
+        return [], ""
+    candidates = [c for c in unlabeled if c in info.cases and info.cases[c].label is not None]
+    if len(candidates) < cfg.num_val or len(unlabeled) - cfg.num_val < cfg.num_val:
+        logger.warning("no validation split: data.num_val=%d asks for more than this set holds (%d unlabeled cases, "
+                       "%d of them with labels; the pool must keep at least as many as it gives); the best round "
+                       "is the last", cfg.num_val, len(unlabeled), len(candidates))
+        return [], ""
+    return candidates[-cfg.num_val:], f"the last {cfg.num_val} labeled cases of the unlabeled pool (data.num_val)"
 
 
 def resolve_selection(cfg: DataConfig, info: DatasetInfo, split: Split) -> tuple[list[str], str]:
     """(case ids, where from) of the labeled cases that ``generalist.class_source: auto`` scores both
-    sources on: ``data.selection``, else an SSL4MIS folder's ``val.list`` (when the test split does not come
-    from it), else the labeled training cases (the specialist's own training data: its Dice there is
-    optimistic, which the caller says). ``data.max_selection`` keeps the first N. ConfigError listing every
-    bad id, a case without a label, or a selection case that is also labeled, unlabeled or test."""
+    sources on: ``data.selection``, else the validation split (``split.val``; for SSL4MIS ACDC that is
+    ``val.list``: the same held-out cases choose the class sources and the best round, and neither trains
+    on them), else an SSL4MIS folder's ``val.list`` (when the test split does not come from it), else the
+    labeled training cases (the specialist's own training data: its Dice there is optimistic, which the
+    caller says). ``data.max_selection`` keeps the first N. ConfigError listing every bad id, a case without
+    a label, or a selection case that is also labeled, unlabeled or test."""
     if cfg.selection is not None:
         cases, source = list(cfg.selection), "data.selection"
+    elif split.val:
+        cases, source = list(split.val), f"the validation split ({split.val_source})"
     elif info.split_lists.get("val") and not set(info.split_lists["val"]) & set(split.test):
         cases, source = list(info.split_lists["val"]), f"val.list of {info.root}"
     else:

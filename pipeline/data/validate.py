@@ -65,7 +65,8 @@ def _check_label(info: DatasetInfo, case_id: str, image_shape: tuple[int, int, i
 def _problems(info: DatasetInfo, split: Split, check_unlabeled_labels: bool) -> list[str]:
     problems = _orphan_problems(info)
     role: dict[str, str] = {}
-    for part, ids in (("labeled", split.labeled), ("test", split.test), ("unlabeled", split.unlabeled)):
+    for part, ids in (("labeled", split.labeled), ("test", split.test), ("unlabeled", split.unlabeled),
+                      ("val", split.val)):
         for case_id in ids:
             if case_id in role:
                 problems.append(f"split: case {case_id!r} is in both {role[case_id]} and {part}")
@@ -76,7 +77,7 @@ def _problems(info: DatasetInfo, split: Split, check_unlabeled_labels: bool) -> 
     for case_id, part in role.items():
         files = info.cases[case_id]
         image_shape = _check_image(info, case_id, problems)
-        if part in ("labeled", "test"):
+        if part in ("labeled", "test", "val"):
             if files.label is None:
                 problems.append(f"{files.image}: {part} case {case_id!r} has no label file")
                 continue
@@ -89,7 +90,7 @@ def _problems(info: DatasetInfo, split: Split, check_unlabeled_labels: bool) -> 
 def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool = False) -> None:
     """Check every case of ``split`` and the dataset's orphan labels; one DatasetError lists all problems.
 
-    Images of all split cases: exist, readable, one channel, finite. Labeled and test cases: label
+    Images of all split cases: exist, readable, one channel, finite. Labeled, validation and test cases: label
     exists, label shape == image shape, label values in ``info.labels``. Unlabeled cases: the label
     file is not opened unless ``check_unlabeled_labels`` (then an existing label is checked the same way).
     Labels without an image (``info.orphan_labels``) are problems: the dataset is broken.
@@ -97,8 +98,8 @@ def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool
     problems = _problems(info, split, check_unlabeled_labels)
     if problems:
         raise DatasetError(problems)
-    logger.info("dataset check of %s: OK (%d labeled, %d unlabeled, %d test cases%s)", info.root,
-                len(split.labeled), len(split.unlabeled), len(split.test),
+    logger.info("dataset check of %s: OK (%d labeled, %d unlabeled, %d validation, %d test cases%s)", info.root,
+                len(split.labeled), len(split.unlabeled), len(split.val), len(split.test),
                 "; unlabeled labels audited" if check_unlabeled_labels else "")
 
 
