@@ -7,7 +7,8 @@ channels_last (fp32, bf16), int8 dynamic quantisation of the Linear layers, ``to
 weights (fp32, bf16; the library's ``encoder_backend: compile``), ONNX Runtime and OpenVINO (fp32, bf16)
 when importable (optional, not project dependencies: ``pip install onnx onnxruntime openvino``).
 Slices: real ACDC slices of test.list (../shared/data/acdc) with at least one label box, in order; 100
-(``--quick``: 12; ``--quick`` also leaves out channels_last bf16). Each slice goes through every path in
+(``--quick``: 8; ``--quick`` also leaves out channels_last bf16). On a CPU without native bf16 every bf16 path
+is left out (emulated bf16 measured 20-60x fp32 there: the benchmark could not finish in 10 minutes). Each slice goes through every path in
 turn (the order rotates per slice, so a load from another process falls on every path alike); the
 per-slice times give medians. Every path's
 embedding is decoded with the same fp32 decoder on the label boxes (every class with >= 4 pixels, as
@@ -39,10 +40,11 @@ import torch
 
 from benchmarks.common import ROOT, machine_info, setup_logging
 from benchmarks.lite_medsam_precision import gt_boxes
+from pipeline import hardware
 from pipeline.atomic import atomic_write_text
 from pipeline.config import SamConfig
 from pipeline.generalist.base import SlicePrompt
-from pipeline.generalist.encoder_runtime import EncoderRunner, UnderAutocast
+from pipeline.generalist.encoder_runtime import EncoderRunner, UnderAutocast, cpu_has_native_bf16
 from pipeline.generalist.sam import SamGeneralist, load_sam
 from pipeline.metrics import dice
 
@@ -107,16 +109,17 @@ def _cast_input(enc: torch.nn.Module, dtype: torch.dtype, channels_last: bool) -
     return lambda x: enc(x.to(dtype).contiguous(memory_format=fmt))
 
 
-def torch_paths(encoder: torch.nn.Module, quick: bool) -> dict[str, tuple[Encoder, str]]:
-    """name -> (encoder, peak dtype) of the eager PyTorch paths (no set-up time)."""
-    paths = {
-        "eager fp32": (EncoderRunner(encoder, CPU, "fp32", "eager"), "fp32"),
-        "eager bf16 autocast": (EncoderRunner(encoder, CPU, "bf16", "eager"), "bf16"),
-        "eager bf16 weights": (_cast_input(copy.deepcopy(encoder).to(torch.bfloat16), torch.bfloat16, False), "bf16"),
-    }
+def torch_paths(encoder: torch.nn.Module, quick: bool, bf16: bool) -> dict[str, tuple[Encoder, str]]:
+    """name -> (encoder, peak dtype) of the eager PyTorch paths (no set-up time); the bf16 ones only with
+    ``bf16`` (a CPU with native bf16: emulated, they cost 20-60x fp32 and cannot finish in minutes)."""
+    paths = {"eager fp32": (EncoderRunner(encoder, CPU, "fp32", "eager"), "fp32")}
+    if bf16:
+        paths["eager bf16 autocast"] = (EncoderRunner(encoder, CPU, "bf16", "eager"), "bf16")
+        paths["eager bf16 weights"] = (_cast_input(copy.deepcopy(encoder).to(torch.bfloat16), torch.bfloat16, False),
+                                       "bf16")
     cl = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
     paths["channels_last fp32"] = (_cast_input(cl, torch.float32, True), "fp32")
-    if not quick:
+    if not quick and bf16:
         cl_ac = UnderAutocast(cl, CPU, "bf16")
         paths["channels_last bf16 autocast"] = (_cast_input(cl_ac, torch.float32, True), "bf16")
     try:
@@ -127,10 +130,10 @@ def torch_paths(encoder: torch.nn.Module, quick: bool) -> dict[str, tuple[Encode
     return paths
 
 
-def compiled_paths(encoder: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[Encoder, str]], dict]:
-    """The library's compiled encoder (fp32, bf16) and their first-call (compile) seconds."""
+def compiled_paths(encoder: torch.nn.Module, x: torch.Tensor, bf16: bool) -> tuple[dict[str, tuple[Encoder, str]], dict]:
+    """The library's compiled encoder (fp32, and bf16 with ``bf16``) and their first-call (compile) seconds."""
     paths, setup = {}, {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if bf16 else ("fp32",):
         runner = EncoderRunner(encoder, CPU, precision, "compile")
         t = time.perf_counter()
         with torch.inference_mode():
@@ -143,7 +146,7 @@ def compiled_paths(encoder: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str,
     return paths, setup
 
 
-def runtime_paths(encoder: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[Encoder, str]], dict]:
+def runtime_paths(encoder: torch.nn.Module, x: torch.Tensor, bf16: bool) -> tuple[dict[str, tuple[Encoder, str]], dict]:
     """ONNX Runtime (fp32) and OpenVINO (fp32, bf16) from one ONNX export, when the packages import;
     their set-up seconds (export + session/compile)."""
     paths, setup = {}, {}
@@ -172,7 +175,7 @@ def runtime_paths(encoder: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, 
             import openvino as ov
 
             core = ov.Core()
-            for precision, hint in (("fp32", "f32"), ("bf16", "bf16")):
+            for precision, hint in (("fp32", "f32"), ("bf16", "bf16")) if bf16 else (("fp32", "f32"),):
                 t = time.perf_counter()
                 net = core.compile_model(core.read_model(onnx_path), "CPU",
                                          {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": THREADS})
@@ -207,12 +210,14 @@ def run_paths(paths: dict[str, Encoder], gen: SamGeneralist,
     return {n: {"seconds": seconds[n], "dice": agree[n]} for n in names}
 
 
-def batch_times(encoder: torch.nn.Module, x: torch.Tensor, sizes: list[int], repeats: int) -> list[dict]:
-    """Seconds per slice of eager bf16 autocast and compiled bf16 (one graph per batch size) at each batch
-    size; ``x`` (max(sizes), 3, S, S) real slices. Interleaved repeats, medians; first-call seconds."""
-    eager = UnderAutocast(encoder, CPU, "bf16")
-    compiled = torch.compile(UnderAutocast(encoder, CPU, "bf16"), dynamic=False, options={"freezing": True})
-    paths = {"eager bf16 autocast": eager, "compile bf16": compiled}
+def batch_times(encoder: torch.nn.Module, x: torch.Tensor, sizes: list[int], repeats: int,
+                precision: str) -> list[dict]:
+    """Seconds per slice of the eager and compiled encoder at ``precision`` (one graph per batch size) at
+    each batch size; ``x`` (max(sizes), 3, S, S) real slices. Interleaved repeats, medians; first-call seconds."""
+    eager = UnderAutocast(encoder, CPU, precision)
+    compiled = torch.compile(UnderAutocast(encoder, CPU, precision), dynamic=False, options={"freezing": True})
+    name = "autocast" if precision != "fp32" else ""
+    paths = {f"eager {precision} {name}".strip(): eager, f"compile {precision}": compiled}
     first: dict[tuple[str, int], float] = {}
     times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in paths for b in sizes}
     with torch.inference_mode():
@@ -253,7 +258,7 @@ def table(results: dict[str, dict], kinds: dict[str, str], setup: dict, gflops: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generalist_speed", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="12 slices, batches 1 and 4, fewer paths (minutes)")
+    p.add_argument("--quick", action="store_true", help="8 slices, batches 1 and 4, fewer paths (minutes)")
     p.add_argument("--slices", type=int, default=None, help="slices for the timing and agreement (default 100)")
     p.add_argument("--no-runtimes", action="store_true", help="leave out ONNX Runtime and OpenVINO")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -265,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.verbose, log)
     torch.set_num_threads(THREADS)
-    n = args.slices or (12 if args.quick else 100)
+    n = args.slices or (8 if args.quick else 100)
+    bf16 = cpu_has_native_bf16()
+    if not bf16:
+        log.info("no native bf16 on this CPU (%s): the bf16 paths are left out (emulated, they measured 20-60x "
+                 "fp32 on an AVX2 EPYC)", hardware.describe().summary())
     cfg = SamConfig(variant="lite_medsam", precision="fp32", encoder_backend="eager")
     gen = SamGeneralist(load_sam(cfg, CPU), cfg, CPU)  # preprocessing and the fp32 decoder of every path
     default = SamGeneralist(gen.sam, SamConfig(variant="lite_medsam"), CPU).cfg  # what a CPU gets by default
@@ -274,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     encoder = gen.sam.image_encoder
     x1 = gen.preprocess(slices[0][0][None])
     gflops, peak = encoder_gflops(encoder), peak_estimate()
-    paths = torch_paths(encoder, args.quick)
-    compiled, setup = compiled_paths(encoder, x1)
+    paths = torch_paths(encoder, args.quick, bf16)
+    compiled, setup = compiled_paths(encoder, x1, bf16)
     paths.update(compiled)
     if not args.no_runtimes:
-        rt, rt_setup = runtime_paths(encoder, x1)
+        rt, rt_setup = runtime_paths(encoder, x1, bf16)
         paths.update(rt)
         setup.update(rt_setup)
     log.info("paths: %s; %d slices", list(paths), len(slices))
@@ -287,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [1, 4] if args.quick else [1, 4, 8, 16]
     batch_x = torch.cat([gen.preprocess(s[0][None]) for s in slices[:max(sizes)]]) if len(slices) >= max(sizes) \
         else x1.expand(max(sizes), -1, -1, -1).contiguous()
-    batching = batch_times(encoder, batch_x, sizes, repeats=2 if args.quick else 3)
+    batching = batch_times(encoder, batch_x, sizes, repeats=2 if args.quick else 3,
+                           precision="bf16" if bf16 else "fp32")
     write(argv, rows, batching, chosen, gflops, peak, len(slices), results)
     return 0
 
@@ -302,14 +312,27 @@ def write(argv: list[str] | None, rows: list[dict], batching: list[dict], chosen
         "encoder_gflop_per_slice": round(gflops, 2), "peak_estimate": peak, "chosen_path": chosen,
         "paths": rows, "batching": batching,
         "command": "python -m benchmarks.generalist_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "machine": {**machine_info(), **hardware.describe().as_dict()},
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     atomic_write_text(QUICK_OUT if n_slices < 100 and "--quick" in result["command"] else OUT,
                       json.dumps(result, indent=1))
     c = by.get(chosen, {})
+    best_builtin = min((r for r in rows if not r["path"].startswith(("onnxruntime", "openvino"))),
+                       key=lambda r: r["s_per_slice"])
+    runtimes = [r for r in rows if r["path"].startswith(("onnxruntime", "openvino"))]
+    best_runtime = min(runtimes, key=lambda r: r["s_per_slice"]) if runtimes else None
+    machine = hardware.describe()
     print(json.dumps({"slices": n_slices, "boxes": result["boxes"], "chosen_path": chosen,
+                      "cpu_model": machine.cpu_model, "cpu_flags": list(machine.cpu_flags),
+                      "native_bf16": machine.cpu_native_bf16,
+                      "best_builtin": best_builtin["path"],
+                      "best_runtime": None if best_runtime is None else best_runtime["path"],
+                      "best_runtime_vs_best_builtin": None if best_runtime is None else
+                      round(best_builtin["s_per_slice"] / best_runtime["s_per_slice"], 2),
                       "eager_fp32_s_per_slice": by["eager fp32"]["s_per_slice"],
                       "chosen_s_per_slice": c.get("s_per_slice"), "speedup": c.get("speedup_vs_eager_fp32"),
+                      "chosen_vs_eager_fp32": None if not c else round(c["s_per_slice"] / by["eager fp32"]["s_per_slice"], 3),
                       "chosen_dice_vs_eager_fp32": {"mean": c.get("dice_vs_eager_fp32_mean"),
                                                     "min": c.get("dice_vs_eager_fp32_min")},
                       "goal_0.3_s_met": c.get("s_per_slice") is not None and c["s_per_slice"] <= 0.3}))
