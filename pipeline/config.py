@@ -270,7 +270,8 @@ class TrainConfig(_Strict):
     bf16, a CPU with avx512_bf16/AMX), fp16 with a gradient scaler on CUDA without bf16, else fp32
     (``pipeline.training.runtime``; the chosen path is logged with the reason)."""
     channels_last: Literal["auto"] | bool = "auto"
-    """2D U-Net in the channels_last memory format. auto: on CUDA only (slower on the CPUs measured)."""
+    """2D U-Net in the channels_last memory format. auto: on CUDA only (slower on the CPUs measured with
+    ``python -m benchmarks.trainer_speed``)."""
     compile: Literal["auto"] | bool = "auto"
     """``torch.compile`` the student's and teacher's forward (and so backward) passes. auto: on. The first
     step of a process pays the compile; a compile failure falls back to eager with one warning."""
@@ -316,7 +317,7 @@ class PromptConfig(_Strict):
     with). The points are still drawn, so the random streams do not change with this setting."""
     box_margin: int = Field(default=3, ge=0)
     """Pixels added on each side of the bounding box (clipped to the image). A tight box cuts through an
-    organ the specialist under-segments; 3 px measured better than 2 with the classical generalist."""
+    organ the specialist under-segments (docs/benchmarks.md, "Defaults chosen by small measurements")."""
     box_min_component_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
     """A predicted piece of the class joins the box only if it has at least this fraction of the largest
     piece's pixels. On hippocampus a stray speck at the slice edge stretched boxes over the whole slice
@@ -381,20 +382,19 @@ class SamConfig(_Strict):
     """Intensity window of a slice mapped to 0..255 (per slice, robust to MR outliers)."""
     embed_batch_size: int = Field(default=8, ge=1)
     """Slices preprocessed together and, with the eager encoder, per image-encoder call. The compiled
-    encoder takes one slice per call (one static graph; on 2 CPU cores a batch of 4-16 is no faster per
-    slice, eager bf16 is 2-3x slower per slice: ``benchmarks/generalist_speed.py``)."""
+    encoder takes one slice per call (one static graph; on a CPU larger batches were no faster per slice:
+    docs/benchmarks.md, "The generalist's speed on a CPU")."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast dtype of the image encoder (fp32: none; the decoder always runs fp32). auto: bf16 on a
     CPU with native bf16 dot products (avx512_bf16 or AMX) for every variant but tiny; fp32 on CUDA, on
-    other CPUs and for tiny. On 2 Zen 5 cores LiteMedSAM's bf16 masks agree with fp32's at Dice 0.997-0.998
-    (100 ACDC slices, 283 boxes; docs/benchmarks.md, issue 19)."""
+    other CPUs and for tiny. How closely bf16 masks agree with fp32's: docs/benchmarks.md, "The generalist's
+    speed on a CPU"."""
     encoder_backend: Literal["auto", "eager", "compile"] = "auto"
     """How the image encoder runs. eager: plain PyTorch. compile: ``torch.compile`` (inductor, weights
     frozen into the graph; needs a C++ compiler on a CPU; compiles once per process, 10-60 s, and falls back
     to eager with a warning if compiling fails). auto: compile on a CPU for every variant but tiny (the
-    test model, where compiling costs more than it saves), eager on CUDA (the behaviour before issue 19).
-    LiteMedSAM on 2 Zen 5 cores (100 ACDC slices): 0.26 s a slice compiled in bf16 vs 0.77 s eager fp32,
-    masks Dice 0.998 against eager fp32's (docs/benchmarks.md, issue 19)."""
+    test model, where compiling costs more than it saves), eager on CUDA. Why: docs/benchmarks.md, "The
+    generalist's speed on a CPU"."""
 
     @model_validator(mode="after")
     def _lite_medsam_preprocessing(self) -> SamConfig:
@@ -410,7 +410,8 @@ class ClassicalConfig(_Strict):
     """Random-walker edge weight exp(-beta * grad^2), skimage's default."""
     box_outside_is_background: bool = False
     """Seed every pixel outside the (margined) box as background. Off by default: when the specialist is
-    shifted or under-segments, a hard box boundary cut the organ (Dice 0.63 vs 0.95 with the ring only)."""
+    shifted or under-segments, a hard box boundary cuts the organ (docs/benchmarks.md, "Defaults chosen
+    by small measurements")."""
     background_ring: int = Field(default=3, ge=0)
     """Extra background seeds: a ring this many pixels outside the box (0 turns it off)."""
     window_percentiles: list[float] = Field(default_factory=lambda: [0.5, 99.5])
@@ -478,7 +479,7 @@ class SamPoolConfig(ActorResources):
 
 
 class FaultConfig(_Strict):
-    """How a run survives lost actors and nodes (see the README's "What survives what")."""
+    """How a run survives lost actors and nodes (docs/faults.md, "What survives what")."""
 
     actor_restarts: int = Field(default=3, ge=0)
     """Ray restarts a dead trainer or SAM actor this many times (``max_restarts``); the coordinator then
@@ -513,10 +514,11 @@ class WorkersConfig(_Strict):
     """Ray address to connect to (``host:port``, ``ray://host:port``, or ``auto`` for the cluster ``ray start``
     started on this machine); None connects to RAY_ADDRESS when set (``ray job submit``), else starts a new
     local cluster."""
-    local_num_cpus: int | None = None
-    """CPUs of a locally started cluster (None: all of this machine's)."""
-    local_num_gpus: int | None = None
-    """GPUs a locally started cluster declares (None: what Ray detects)."""
+    local_num_cpus: int | Literal["auto"] | None = None
+    """CPUs of a locally started cluster. auto (or None): all of this machine's, as Ray counts them
+    (container CPU limits included); a number caps it (a shared machine)."""
+    local_num_gpus: int | Literal["auto"] | None = None
+    """GPUs a locally started cluster declares. auto (or None): what Ray detects; 0 hides them."""
     include_dashboard: bool = False
     """Start the Ray dashboard with a locally started cluster (bound to ``dashboard_host``)."""
     dashboard_host: str = "127.0.0.1"

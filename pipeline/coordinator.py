@@ -17,7 +17,7 @@ the actors. Its parts: the run folder (:mod:`pipeline.run_folder`), what of it s
 (:mod:`pipeline.resume`), the trainer's calls (:mod:`pipeline.trainer_client`), a relabel round's work
 queue (:mod:`pipeline.relabel_queue`) and the round summary (:mod:`pipeline.round_summary`).
 
-What survives what (the README has the table): a SAM actor that dies, or hangs, has its cases re-queued
+What survives what (docs/faults.md has the table): a SAM actor that dies, or hangs, has its cases re-queued
 to any live actor (``faults.case_attempts`` tries per case); a trainer that dies or hangs is restarted by
 Ray and restores the newest published checkpoint: a round's training and its publication are redone
 together, an evaluation is redone on the round's own checkpoint; a lost node is the same path; a killed

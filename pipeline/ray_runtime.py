@@ -39,10 +39,20 @@ def init_ray(cfg: WorkersConfig) -> bool:
         log.info("starting a local Ray cluster on 127.0.0.1 (dashboard %s)",
                  f"on {cfg.dashboard_host}" if cfg.include_dashboard else "off")
         with _loopback_only():
-            ray.init(address="local", num_cpus=cfg.local_num_cpus, num_gpus=cfg.local_num_gpus,
+            num_cpus, num_gpus = local_cluster_size(cfg)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                      include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
                      log_to_driver=True)
     return True
+
+
+def local_cluster_size(cfg: WorkersConfig) -> tuple[int | None, int | None]:
+    """(num_cpus, num_gpus) for ``ray.init`` of a local cluster: ``auto`` and None both leave the count to
+    Ray's own detection of this machine (None); a number is passed as it is."""
+    def count(value: int | str | None) -> int | None:
+        return None if value in (None, "auto") else int(value)
+
+    return count(cfg.local_num_cpus), count(cfg.local_num_gpus)
 
 
 def _no_colour_codes() -> None:

@@ -14,7 +14,7 @@ sees no lock, or someone else's).
 Local folders take the lock with an exclusive create (atomic); object storage has no such primitive in
 fsspec, so there the lock is written, read back after a short pause, and the driver proceeds only if
 its own token is still there (two drivers starting within that pause could both miss each other: rare,
-and the README says to start one driver per run folder).
+and docs/faults.md says to start one driver per run folder).
 """
 
 from __future__ import annotations

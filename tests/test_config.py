@@ -448,3 +448,34 @@ def test_the_shipped_strong_term_preset_is_its_base_with_the_strong_term():
     assert strong["train"]["pseudo_label"] | {"weight": 0.05, "loss": "mse", "schedule": "down"} == base["train"]["pseudo_label"]
     strong["train"]["pseudo_label"], strong["name"] = base["train"]["pseudo_label"], base["name"]
     assert strong == base
+
+
+def test_local_cluster_size_auto_is_what_the_machine_has():
+    """``workers.local_num_cpus/local_num_gpus: auto`` (like None) leave the count to Ray's detection of this
+    machine; a number is passed on; anything else is refused by key."""
+    from pipeline.config import WorkersConfig
+    from pipeline.ray_runtime import local_cluster_size
+
+    assert local_cluster_size(WorkersConfig(local_num_cpus="auto", local_num_gpus="auto")) == (None, None)
+    assert local_cluster_size(WorkersConfig()) == (None, None)
+    assert local_cluster_size(WorkersConfig(local_num_cpus=2, local_num_gpus=0)) == (2, 0)
+    demo = REPO / "conf" / "demo.yaml"
+    assert load_config(demo, ["workers.local_num_cpus=auto"]).workers.local_num_cpus == "auto"
+    with pytest.raises(ConfigError, match="local_num_cpus"):
+        load_config(demo, ["workers.local_num_cpus=all"])
+
+
+def test_the_gpu_preset_is_acdc_with_the_literature_budget_on_gpus():
+    """conf/acdc_gpu.yaml: conf/acdc.yaml's data, model and method with SSL4MIS's ACDC budget (30,000
+    iterations in all, batch 12 + 12, 256 x 256 crops, SGD 0.01 with poly decay 0.9, weight decay 1e-4),
+    the trainer on a GPU of its own and the SAM actors on the other GPUs."""
+    gpu = load_config(REPO / "conf" / "acdc_gpu.yaml")
+    cpu = load_config(REPO / "conf" / "acdc.yaml")
+    assert gpu.rounds * gpu.train.iterations == 30_000
+    assert (gpu.train.labeled_batch_size, gpu.train.unlabeled_batch_size, gpu.model.patch_size) == (12, 12, [256, 256])
+    assert (gpu.train.optimizer, gpu.train.lr, gpu.train.lr_schedule, gpu.train.lr_poly_power,
+            gpu.train.weight_decay) == ("sgd", 0.01, "poly", 0.9, 1e-4)
+    assert gpu.device == "cuda" and gpu.workers.trainer.num_gpus == 1 and gpu.workers.sam.num_gpus == 1
+    assert gpu.workers.local_num_cpus == "auto"
+    assert (gpu.data, gpu.train.method, gpu.generalist) == (cpu.data, cpu.train.method, cpu.generalist.model_copy(
+        update={"sam": cpu.generalist.sam.model_copy(update={"embed_batch_size": gpu.generalist.sam.embed_batch_size})}))

@@ -1,6 +1,6 @@
 """Faults injected into real runs on a real local Ray (2 CPUs): issue 7's table, each with its outcome.
 
-Every test asserts the promise of the README: a run survives the loss of an actor, a killed driver
+Every test asserts a promise of docs/faults.md: a run survives the loss of an actor, a killed driver
 resumes, no case is lost or counted twice, a corrupt file is detected and named, never used.
 Kills are real SIGKILLs of the actor processes, timed by the coordinator's own events (a task done, a
 training round started), so they land mid-round whatever the machine's speed.

@@ -6,7 +6,7 @@ test checks that the run connected to that cluster, did not start one of its own
 
 Ray 2.60 turns on token authentication for `ray start` clusters; this head opts out
 (RAY_AUTH_MODE=disabled) so the driver needs no token. tests/test_ray_job_submit.py runs a head with token
-auth on, as the README does (clients need RAY_AUTH_MODE=token and the token).
+auth on, as docs/cluster.md does (clients need RAY_AUTH_MODE=token and the token).
 
 Also here: a cluster semisam starts itself binds to 127.0.0.1, `workers.address=auto` is resolved only from
 this user's `ray start`, and custom resources in config (`workers.sam.resources`) place the SAM actors.

@@ -1,11 +1,11 @@
-"""The README's `ray job submit` example, run as written against a `ray start` head with token auth on.
+"""docs/cluster.md's `ray job submit` example, run as written against a `ray start` head with token auth on.
 
 Ray 2.60 clusters started with `ray start` use token authentication. The head here is started the way the
-README says (RAY_AUTH_MODE=token, dashboard on 127.0.0.1), with its own free ports and its own temp
+docs say (RAY_AUTH_MODE=token, dashboard on 127.0.0.1), with its own free ports and its own temp
 folder so it never meets another cluster on this machine. Its token is a file of this test's
 (RAY_AUTH_TOKEN_PATH), not ~/.ray/auth_token, which may be someone else's.
 
-The README block is taken from README.md and run with bash in a copy of the repository's files (its
+The block is taken from docs/cluster.md and run with bash in a copy of the repository's files (its
 `data/` and `runs/` are the copy's, not the checkout's). Only the dashboard port is substituted, and
 overrides appended to the command make it 2 short rounds. The block writes the synthetic data and submits
 `semisam run conf/demo.yaml` with absolute paths; the test checks that the job succeeded, that the run
@@ -37,15 +37,16 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
+CLUSTER_DOC = REPO / "docs" / "cluster.md"  # where the cluster commands are documented
 README_PORT = "8265"
 SHORTER = " rounds=2 train.iterations=30 train.log_every=10"  # appended: the demo's 3 x 150 iterations, cut
 
 
 def readme_job_block() -> str:
-    """The fenced bash block of README.md's cluster section that runs `ray job submit`."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    """The fenced bash block of docs/cluster.md that runs `ray job submit`."""
+    blocks = re.findall(r"```bash\n(.*?)```", CLUSTER_DOC.read_text(), flags=re.S)
     found = [b for b in blocks if "ray job submit" in b and "semisam demo-data" in b]
-    assert len(found) == 1, "README.md must have exactly one bash block with `semisam demo-data` + `ray job submit`"
+    assert len(found) == 1, "docs/cluster.md must have exactly one bash block with `semisam demo-data` + `ray job submit`"
     return found[0]
 
 
@@ -164,7 +165,7 @@ def test_readme_job_submit_example_runs_as_written(token_head, tmp_path):
 
 
 def test_readme_s3_job_passes_credentials_as_written(token_head, tmp_path):
-    """The README's block that passes AWS credentials in the job's runtime environment, run as written
+    """docs/cluster.md's block that passes AWS credentials in the job's runtime environment, run as written
     against a local S3 server; the head was started without any AWS variable, so only the block's
     ``--runtime-env-json`` can bring them to the job's driver and actors."""
     from tests.conftest import moto_s3
@@ -172,9 +173,9 @@ def test_readme_s3_job_passes_credentials_as_written(token_head, tmp_path):
     dash, env, _ = token_head
     repo = tmp_path / "semisam"
     _copy_repository(repo)
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", CLUSTER_DOC.read_text(), flags=re.S)
     found = [b for b in blocks if "ray job submit" in b and "--runtime-env-json" in b]
-    assert len(found) == 1, "README.md must have exactly one `ray job submit` block with --runtime-env-json"
+    assert len(found) == 1, "docs/cluster.md must have exactly one `ray job submit` block with --runtime-env-json"
     script = found[0].replace(f"127.0.0.1:{README_PORT}", f"127.0.0.1:{dash}").replace(
         "s3://my-bucket/runs", "s3://semisam-job/runs").rstrip() + SHORTER
     subprocess.run([str(BIN / "semisam"), "demo-data", "data/demo"], cwd=repo, env=env, check=True,
