@@ -268,12 +268,15 @@ class SpecialistTrainer:
         optimizer step and the teacher's EMA update. ``measure``: also the gradient share of each unlabeled
         term. Returns the logged values, tensors on the device (no host sync here)."""
         xl, yl = batch["xl"], batch["yl"]
+        # the gradient shares need a graph that survives two extra backward passes: a compiled backward
+        # frees (donates) its buffers, so measured iterations run the student eager (same weights)
+        student = self.student_fwd.eager if measure else self.student_fwd
         if n_unl:
             xu, yu, wu = batch["xu"], batch["yu"], batch["wu"]
-            logits = self.student_fwd(torch.cat([xl, xu]))
+            logits = student(torch.cat([xl, xu]))
             logits_l, logits_u = logits[: len(xl)], logits[len(xl):]
         else:
-            logits_l = self.student_fwd(xl)
+            logits_l = student(xl)
         sup = ce_dice_loss(logits_l, yl)
         loss, logs, terms = sup, {"sup": sup.detach()}, {}
         if n_unl and self.strategy.uses_teacher:
