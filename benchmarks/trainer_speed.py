@@ -24,8 +24,10 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,6 +41,8 @@ from pipeline.evaluation import EvalVolume, evaluate_model, round_means
 from pipeline.training.loop import SpecialistTrainer, TrainVolume
 
 log = logging.getLogger("benchmarks.trainer_speed")
+ACDC = Path(os.environ.get("SEMISAM_ACDC", SHARED / "acdc"))
+"""The ACDC folder (SSL4MIS layout): ../shared/data/acdc, or $SEMISAM_ACDC (benchmarks.gpu_check sets it)."""
 
 PATHS: dict[str, dict] = {
     "eager_fp32": {"precision": "fp32", "channels_last": False, "compile": False, "prefetch_batches": 0},
@@ -52,7 +56,7 @@ PATHS: dict[str, dict] = {
 def _config(path: str):
     """conf/acdc.yaml with the path's trainer settings (its own ``train.iterations``: ``auto`` decides for
     the preset's round, although the benchmark trains fewer iterations)."""
-    overrides = [f"data.root={SHARED / 'acdc'}", "train.log_every=1000000"]
+    overrides = [f"data.root={ACDC}", "train.log_every=1000000"]
     overrides += [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in PATHS[path].items()]
     return load_config(ROOT / "conf" / "acdc.yaml", overrides)
 
@@ -70,9 +74,9 @@ def _volumes(cfg, test_cases: int):
     return info, labeled, unlabeled, test
 
 
-def run(paths: list[str], iterations: int, chunk: int, test_cases: int) -> dict:
-    torch.set_num_threads(2)
-    device = torch.device("cpu")
+def run(paths: list[str], iterations: int, chunk: int, test_cases: int, device: torch.device) -> dict:
+    if device.type == "cpu":
+        torch.set_num_threads(2)
     cfgs = {p: _config(p) for p in paths}
     info, labeled, unlabeled, test = _volumes(cfgs[paths[0]], test_cases)
     trainers = {p: SpecialistTrainer(cfgs[p], info.num_classes, device) for p in paths}
@@ -112,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--test-cases", type=int, default=None)
     ap.add_argument("--paths", nargs="+", default=None, choices=sorted(PATHS))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (benchmarks.gpu_check)")
+    ap.add_argument("--out", type=Path, default=None, help="the result file (default benchmarks/results/...)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose, log)
-    if not (SHARED / "acdc").exists():
-        log.error("%s is absent: this benchmark needs the ACDC set (../shared/data/acdc)", SHARED / "acdc")
+    if not ACDC.exists():
+        log.error("%s is absent: this benchmark needs the ACDC set (../shared/data/acdc or $SEMISAM_ACDC)", ACDC)
         return 2
     iterations = args.iterations or (100 if args.quick else 600)
     chunk = args.chunk or (20 if args.quick else 50)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if "eager_fp32" not in paths or "chosen" not in paths:
         paths = ["eager_fp32", "chosen", *[p for p in paths if p not in ("eager_fp32", "chosen")]]
     t0 = time.time()
-    rows = run(paths, iterations, chunk, test_cases)
+    rows = run(paths, iterations, chunk, test_cases, torch.device(args.device))
     machine = hardware.describe()
     summary = {
         "eager_fp32_it_s": round(rows["eager_fp32"]["it_s"], 4), "chosen_it_s": round(rows["chosen"]["it_s"], 4),
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               "setting": {"iterations_per_path": rows["chosen"]["iterations"], "chunk": chunk,
                           "test_cases": test_cases, "config": "conf/acdc.yaml, mean_teacher, no pseudo-labels"},
               "summary": summary, "paths": rows}
-    out = RESULTS / ("trainer_speed_quick.json" if args.quick else "trainer_speed.json")
+    out = args.out or RESULTS / ("trainer_speed_quick.json" if args.quick else "trainer_speed.json")
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
