@@ -28,8 +28,10 @@ demo: setup
 	$(BIN)/semisam run conf/demo.yaml
 	$(BIN)/semisam inspect runs/demo/pseudo_labels --png runs/demo/overlays
 
+# two processes: much of the suite waits (Ray start-up, actor deadlines, subprocesses stopped by signals);
+# --dist loadfile keeps a module (and its one local Ray) in one process
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check pipeline workers tests benchmarks

@@ -46,7 +46,7 @@ log = logging.getLogger("benchmarks.generalist_quality")
 
 CELLS = RESULTS / "quality_lite"
 
-_LITE = ["generalist.backend=sam", "generalist.sam.variant=lite_medsam", "generalist.sam.precision=bf16",
+_LITE = ["generalist.backend=sam", "generalist.sam.variant=lite_medsam",  # precision: auto (the machine decides)
          "generalist.sam.embed_batch_size=1", "prompts.use_points=false"]
 SETS: dict[str, dict] = {
     "acdc3": {"config": "conf/acdc.yaml", "k": 6, "overrides": [f"data.root={SHARED / 'acdc'}"]},
