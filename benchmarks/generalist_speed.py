@@ -44,7 +44,12 @@ from pipeline import hardware
 from pipeline.atomic import atomic_write_text
 from pipeline.config import SamConfig
 from pipeline.generalist.base import SlicePrompt
-from pipeline.generalist.encoder_runtime import EncoderRunner, UnderAutocast, cpu_has_native_bf16
+from pipeline.generalist.encoder_runtime import (
+    EncoderRunner,
+    UnderAutocast,
+    cpu_has_native_bf16,
+    openvino_available,
+)
 from pipeline.generalist.sam import SamGeneralist, load_sam
 from pipeline.metrics import dice
 
@@ -131,18 +136,22 @@ def torch_paths(encoder: torch.nn.Module, quick: bool, bf16: bool) -> dict[str, 
 
 
 def compiled_paths(encoder: torch.nn.Module, x: torch.Tensor, bf16: bool) -> tuple[dict[str, tuple[Encoder, str]], dict]:
-    """The library's compiled encoder (fp32, and bf16 with ``bf16``) and their first-call (compile) seconds."""
+    """The library's compiled encoders (``compile``, and ``openvino`` when installed; fp32, and bf16 with
+    ``bf16``) and their first-call (build) seconds."""
     paths, setup = {}, {}
-    for precision in ("fp32", "bf16") if bf16 else ("fp32",):
-        runner = EncoderRunner(encoder, CPU, precision, "compile")
-        t = time.perf_counter()
-        with torch.inference_mode():
-            runner(x)
-        setup[f"compile {precision}"] = round(time.perf_counter() - t, 1)
-        if runner.backend != "compile":
-            log.warning("torch.compile %s failed; the path is left out", precision)
-            continue
-        paths[f"compile {precision}"] = (runner, precision)
+    backends = ["compile", *(["openvino"] if openvino_available() else [])]
+    for backend in backends:
+        for precision in ("fp32", "bf16") if bf16 else ("fp32",):
+            runner = EncoderRunner(encoder, CPU, precision, backend)
+            name = f"{backend} {precision}" + (" (library backend)" if backend == "openvino" else "")
+            t = time.perf_counter()
+            with torch.inference_mode():
+                runner(x)
+            setup[name] = round(time.perf_counter() - t, 1)
+            if runner.backend != backend:
+                log.warning("the %s encoder at %s failed; the path is left out", backend, precision)
+                continue
+            paths[name] = (runner, precision)
     return paths, setup
 
 

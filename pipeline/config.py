@@ -389,7 +389,7 @@ class SamConfig(_Strict):
     CPU with native bf16 dot products (avx512_bf16 or AMX) for every variant but tiny; fp32 on CUDA, on
     other CPUs and for tiny. How closely bf16 masks agree with fp32's: docs/benchmarks.md, "The generalist's
     speed on a CPU"."""
-    encoder_backend: Literal["auto", "eager", "compile"] = "auto"
+    encoder_backend: Literal["auto", "eager", "compile", "openvino"] = "auto"
     """How the image encoder runs. eager: plain PyTorch. compile: ``torch.compile`` (inductor, weights
     frozen into the graph; needs a C++ compiler on a CPU; compiles once per process, 10-60 s, and falls back
     to eager with a warning if compiling fails). auto: compile on a CPU for every variant but tiny (the

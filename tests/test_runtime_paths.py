@@ -193,3 +193,22 @@ def test_a_compile_failure_falls_back_to_eager(synthetic_root, tmp_path, volumes
         tr = _trained(synthetic_root, tmp_path, volumes, iterations=2, compile=True)
     assert tr.step == 2 and tr.student_fwd.compiled is None
     assert "torch.compile of the student failed" in caplog.text and "train.compile=false" in caplog.text
+
+
+def test_the_openvino_encoder_gives_eager_fp32_embeddings(tiny_sam_checkpoint):
+    """The optional OpenVINO backend (``pip install -e ".[openvino]"``) on the tiny random-weight SAM:
+    the same embeddings as eager fp32 up to float rounding, one static graph fed slice by slice."""
+    pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
+    from pipeline.generalist.encoder_runtime import EncoderRunner
+    from pipeline.generalist.sam import load_sam
+
+    sam = load_sam(SamConfig(variant="tiny", checkpoint=str(tiny_sam_checkpoint)), CPU)
+    x = torch.rand(3, 3, sam.image_encoder.img_size, sam.image_encoder.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = EncoderRunner(sam.image_encoder, CPU, "fp32", "eager")(x)
+        runner = EncoderRunner(sam.image_encoder, CPU, "fp32", "openvino")
+        ov = runner(x)
+    assert runner.backend == "openvino" and ov.shape == eager.shape
+    assert float((ov - eager).norm() / eager.norm()) < 1e-4
+    with pytest.raises(ValueError, match="runs on a CPU"):
+        EncoderRunner(sam.image_encoder, CUDA, "fp32", "openvino")

@@ -18,6 +18,7 @@ why in one log line; a bf16 pinned on a CPU without native bf16 is warned about 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 
@@ -122,33 +123,70 @@ class UnderAutocast(torch.nn.Module):
             return self.encoder(x)
 
 
+def openvino_available() -> bool:
+    """Whether the optional OpenVINO runtime is installed (``pip install -e ".[openvino]"``)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+class OpenVinoEncoder:
+    """The encoder converted to OpenVINO (``openvino.convert_model`` from the PyTorch module, no ONNX file)
+    and compiled for the CPU at ``precision`` (fp32, or bf16 where native), one static (1, 3, S, S) graph:
+    images float32 (1, 3, S, S) -> embeddings float32 (1, C, E, E). Built on the first call (seconds)."""
+
+    HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+    def __init__(self, encoder: torch.nn.Module, precision: str):
+        self.encoder, self.precision = encoder, precision
+        self._compiled = None
+
+    def _build(self, x: torch.Tensor) -> None:
+        import openvino as ov
+
+        model = ov.convert_model(self.encoder.eval(), example_input=torch.zeros_like(x[:1]),
+                                 input=[tuple(x[:1].shape)])
+        self._compiled = ov.Core().compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": self.HINTS[self.precision],
+                           "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            self._build(x)
+        out = [torch.from_numpy(self._compiled(x[i:i + 1].float().numpy())[0]) for i in range(len(x))]
+        return torch.cat(out)
+
+
 class EncoderRunner:
     """Runs an image encoder at a resolved precision and backend: images float32 (B, 3, S, S) ->
     embeddings (B, C, E, E) (float32, or the autocast dtype).
 
     ``compile`` feeds the compiled graph one slice per call (a static shape: it compiles once, on the
-    first call, whatever the batch sizes); if compiling fails (no C++ compiler, an unsupported op) the
-    error is logged once and the eager encoder is used from then on. Call under ``torch.inference_mode``
-    (frozen weights are constants of the graph).
+    first call, whatever the batch sizes); ``openvino`` likewise through OpenVINO's CPU runtime. If building
+    either fails (no C++ compiler, an unsupported op, OpenVINO missing) the error is logged once and the
+    eager encoder is used from then on. Call under ``torch.inference_mode`` (frozen weights are constants
+    of the graph).
     """
 
     def __init__(self, encoder: torch.nn.Module, device: torch.device, precision: str, backend: str):
         if precision == "auto" or backend == "auto":
             raise ValueError("EncoderRunner takes a resolved precision and backend (resolve_sam_config)")
+        if backend == "openvino" and device.type != "cpu":
+            raise ValueError(f"encoder_backend openvino runs on a CPU, not on {device}")
         self.eager = UnderAutocast(encoder, device, precision)
         self.backend = backend
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         if backend == "compile":
             self._compiled = torch.compile(self.eager, dynamic=False, options={"freezing": True})
+        elif backend == "openvino":
+            self._compiled = OpenVinoEncoder(encoder, precision)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
             return self.eager(x)
         try:
             return torch.cat([self._compiled(x[i:i + 1]) for i in range(len(x))])
-        except Exception as e:  # noqa: BLE001 - any compile failure means the same thing: run eager
-            log.warning("torch.compile of the SAM image encoder failed (%s: %s); running it eager from now "
-                        "on (generalist.sam.encoder_backend=eager silences this)",
+        except Exception as e:  # noqa: BLE001 - any build failure means the same thing: run eager
+            log.warning("the %s SAM image encoder failed (%s: %s); running it eager from now on "
+                        "(generalist.sam.encoder_backend=eager silences this)", self.backend,
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self._compiled, self.backend = None, "eager"
             return self.eager(x)
