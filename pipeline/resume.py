@@ -138,6 +138,26 @@ def invalid_cases(store: PseudoLabelStore, state: dict, r: int) -> set[str]:
     return set(bad)
 
 
+def given_up(state: dict, r: int) -> set[str]:
+    """Cases round ``r`` gave up on (its summary's ``failed_cases``): they stay given up on a resume."""
+    for summary in state.get("summaries", []):
+        if summary.get("round") == r:
+            return set((summary.get("relabel") or {}).get("failed_cases") or {})
+    return set()
+
+
+def lost_cases(store: PseudoLabelStore, state: dict, r: int, unlabeled: list[str]) -> set[str]:
+    """Unlabeled cases of completed relabel round ``r`` that have no manifest rows and were not given up
+    (rows against arrays, as ``semisam verify`` checks them: a deleted manifest part loses its cases' rows
+    while their arrays stay). Their arrays, if any, are replaced when they are relabeled."""
+    lost = set(unlabeled) - set(store.manifest(r)["case_id"]) - given_up(state, r)
+    if lost:
+        shown = ", ".join(sorted(lost)[:5])
+        log.warning("round %d is completed but %d unlabeled cases have no manifest rows (%s%s): they are "
+                    "relabeled with checkpoint %d", r, len(lost), shown, " ..." if len(lost) > 5 else "", r - 1)
+    return lost
+
+
 def _check_warm_source(cfg: RunConfig, src_run: RunFolder, where: str) -> None:
     """The run whose round 0 is taken must have trained it on the same data, split, model, seed and
     training settings (:data:`WARM_START_FREE` aside)."""

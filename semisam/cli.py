@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from pipeline.errors import Interrupted, SemisamError
-from pipeline.interrupt import exit_code
+from pipeline.interrupt import StopFlag, exit_code
 
 log = logging.getLogger("semisam")
 
@@ -29,16 +30,29 @@ def _out(text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.reports import rounds_table
-    from semisam.launch import run
-
-    cfg = load_config(args.config, args.overrides)
+    """The stop flag goes in first, before the heavy imports (torch, Ray, segment_anything), preflight, Ray's
+    start-up and placement, and stays until the process exits: a Ctrl-C or SIGTERM at any moment ends in
+    one line and exit 130/143, with the actors and a self-started Ray shut down (``Coordinator.shutdown``)."""
+    stop = StopFlag().__enter__()  # kept installed until exit: the interpreter restores nothing we need
+    cfg = None
     try:
-        summaries = run(cfg)
+        from pipeline.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        stop.check()
+        from pipeline.reports import rounds_table
+        from semisam.launch import run
+
+        stop.check()
+        summaries = run(cfg, stop=stop)
+        stop.check()  # a signal during the shutdown of a finished run: the run is whole, but say so
     except Interrupted as e:
-        log.warning("%s (run folder %s)", e, cfg.run_dir)
+        log.warning("%s (run folder %s)", e, cfg.run_dir if cfg is not None else "not opened yet")
         return exit_code(e.signum)
+    except KeyboardInterrupt:  # a second signal while stopping: at once
+        signum = stop.signum or signal.SIGINT
+        log.warning("%s", Interrupted(signum).args[0].replace("interrupted by", "stopped at once by a second"))
+        return exit_code(signum)
     _out(f"run folder: {cfg.run_dir}")
     _out(rounds_table(summaries))
     return 0
