@@ -1,0 +1,74 @@
+"""Issue 31's faults ("faults outside the list") injected into real runs on a real local Ray (2 CPUs), as in
+tests/test_faults.py: each ends with the same result as the run without it, or with one line that names
+what is wrong and what to do. (SIGINT before the run is under way: tests/test_driver_signals.py; an
+unreadable embedding-cache entry: tests/test_embedding_cache.py.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.store import PseudoLabelStore
+from pipeline.verify import verify_run
+from tests.conftest import assert_exactly_once, copy_run, run_to_end
+
+pytestmark = pytest.mark.ray
+
+SEMISAM = str(Path(sys.executable).parent / "semisam")
+
+
+def _final_dice(cfg) -> float:
+    return float(pd.read_parquet(Path(cfg.run_dir) / "eval" / f"round_{cfg.rounds - 1:03d}.parquet")["dice"].mean())
+
+
+def test_deleted_manifest_part_of_a_completed_round_is_repaired(finished, tmp_path, caplog):
+    cfg = copy_run(finished, tmp_path)
+    store = PseudoLabelStore(Path(cfg.run_dir) / "pseudo_labels")
+    parts = store.parts(1)
+    lost = set(pd.concat([pd.read_parquet(p.path) for p in parts[:1]])["case_id"])
+    Path(parts[0].path).unlink()
+    assert any("have no pseudo-labels" in p for p in verify_run(cfg.run_dir).problems)  # the fault is real
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        c, summaries = run_to_end(cfg)
+    assert [s.round for s in summaries] == [0, 1, 2]
+    assert any("have no manifest rows" in r.getMessage() for r in caplog.records)
+    assert_exactly_once(cfg, [1, 2])  # verify OK: every unlabeled case is back in round 1
+    assert lost <= set(store.manifest(1)["case_id"])
+    assert _final_dice(cfg) == _final_dice(finished)  # training was not redone: the same result
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("config.yaml", "train: [1, 2\n  rounds: {"),
+    ("config.yaml", "- just\n- a list\n"),
+    ("state.json", '{"completed": [0, 1'),
+    ("state.json", '{"completed": "all"}'),
+])
+def test_damaged_run_folder_file_at_resume_is_one_line(finished, tmp_path, name, damage):
+    cfg = copy_run(finished, tmp_path)
+    target = Path(cfg.run_dir) / name
+    target.write_text(damage)
+    tree = cfg.model_dump(mode="json")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    out = subprocess.run([SEMISAM, "run", str(cfg_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and str(target) in errors[0] and "is damaged" in errors[0], out.stderr[-2000:]
+    assert "Restore it" in errors[0]
+
+
+def test_damaged_config_is_named_by_the_library_too(finished, tmp_path):
+    from pipeline.run_folder import RunFolder
+
+    cfg = copy_run(finished, tmp_path)
+    (Path(cfg.run_dir) / "config.yaml").write_text("a: [")
+    with pytest.raises(ConfigError, match="config.yaml is damaged"):
+        RunFolder(cfg.run_dir).saved_config()
