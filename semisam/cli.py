@@ -7,6 +7,7 @@
     semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
     semisam validate ROOT                    check a dataset folder (MSD, h5, SSL4MIS; detected) and list every problem
     semisam config                           every config key: type, default, meaning (docs/config.md is its output)
+    semisam config --resolved CONFIG [k=v]   the config a run would use (base: and overrides applied), as YAML
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.errors import Interrupted, SemisamError
+from pipeline.errors import ConfigError, Interrupted, SemisamError
 from pipeline.interrupt import StopFlag, exit_code
 
 log = logging.getLogger("semisam")
@@ -103,6 +104,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.resolved:  # what a run would use: the file, its base(s) and the overrides, validated
+        from pipeline.config import dump_config, load_config
+
+        sys.stdout.write(dump_config(load_config(args.resolved, args.overrides)))
+        return 0
+    if args.overrides:
+        raise ConfigError(f"overrides ({' '.join(args.overrides)}) go with --resolved CONFIG")
     from pipeline.config_reference import reference_markdown
 
     sys.stdout.write(reference_markdown())
@@ -160,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the demo); hippocampus: low-contrast parts, as the test fixtures")
     d.set_defaults(func=cmd_demo_data)
 
-    c = sub.add_parser("config", help="print every config key with its type, default and meaning (Markdown)")
+    c = sub.add_parser("config", help="print every config key with its type, default and meaning (Markdown), "
+                       "or with --resolved the config a run would use")
+    c.add_argument("--resolved", metavar="CONFIG", help="print the resolved config of this file (its base: "
+                   "and the overrides applied, validated) as YAML, as the run folder's config.yaml would hold it")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, with --resolved")
     c.set_defaults(func=cmd_config)
 
     v = sub.add_parser("validate", help="check a dataset folder")
