@@ -111,6 +111,7 @@ class Coordinator:
             self.relabels = bool(self.split.unlabeled) and cfg.train.pseudo_label.active
             self.stop.check()
             self._started_ray = init_ray(cfg.workers)
+            self.stop.reclaim()  # Ray's native SIGTERM handler aborts the driver; ours is put back
             self.stop.check()
             self._place_actors()
         except BaseException:

@@ -49,6 +49,13 @@ class StopFlag:
                 self._saved[sig] = signal.signal(sig, self._handle)
         return self
 
+    def reclaim(self) -> None:
+        """Put the handlers back at the C level when installed: Ray's core worker (started by ``ray.init``)
+        installs a native SIGTERM handler that dumps a stack and aborts (exit -6) instead of calling ours;
+        setting ours again after ``ray.init`` takes the signal back."""
+        for sig in self._saved:
+            signal.signal(sig, self._handle)
+
     def __exit__(self, *exc) -> None:
         if self._depth:
             self._depth -= 1

@@ -167,6 +167,8 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
             problems.append(f"{source}: num_labeled={cfg.num_labeled} but train_order has only "
                             f"{len(train_order)} cases")
         labeled, unlabeled = train_order[:k], train_order[k:]
+    held_out = _held_out_selection(cfg, unlabeled)
+    unlabeled = [c for c in unlabeled if c not in held_out]
     _check({"labeled": labeled, "unlabeled": unlabeled, "test": test}, info, source, problems)
     if problems:
         read_as = f"\n  (the dataset {info.root} was read as the {info.layout})" if info.layout else ""
@@ -176,9 +178,20 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         unlabeled = unlabeled[: cfg.max_unlabeled]
     if cfg.max_test is not None:
         test = test[: cfg.max_test]
-    logger.info("split from %s: %d labeled, %d unlabeled, %d test", source, len(labeled), len(unlabeled),
+    held = f" ({len(held_out)} data.selection cases held out of the unlabeled pool)" if held_out else ""
+    logger.info("split from %s: %d labeled, %d unlabeled%s, %d test", source, len(labeled), len(unlabeled), held,
                 len(test))
     return Split(labeled=labeled, unlabeled=unlabeled, test=test)
+
+
+def _held_out_selection(cfg: DataConfig, unlabeled: list[str]) -> set[str]:
+    """The ``data.selection`` cases (the first ``data.max_selection``) that the split put in the unlabeled
+    pool: held-out cases are scored with their labels, so they are taken out of it (a selection case that
+    is labeled or test stays refused, :func:`resolve_selection`)."""
+    if cfg.selection is None:
+        return set()
+    kept = cfg.selection[: cfg.max_selection] if cfg.max_selection is not None else cfg.selection
+    return set(kept) & set(unlabeled)
 
 
 def resolve_selection(cfg: DataConfig, info: DatasetInfo, split: Split) -> tuple[list[str], str]:
