@@ -72,3 +72,25 @@ def test_damaged_config_is_named_by_the_library_too(finished, tmp_path):
     (Path(cfg.run_dir) / "config.yaml").write_text("a: [")
     with pytest.raises(ConfigError, match="config.yaml is damaged"):
         RunFolder(cfg.run_dir).saved_config()
+
+
+def test_stray_round_folder_is_one_note_in_verify_and_no_zarr_warning(finished, tmp_path, recwarn):
+    cfg = copy_run(finished, tmp_path)
+    stray = Path(cfg.run_dir) / "pseudo_labels" / "masks.zarr" / "round_099"
+    (stray / "case_x").mkdir(parents=True)
+    report = verify_run(cfg.run_dir)
+    assert report.ok, report.text()
+    assert [n for n in report.notes if "round_099" in n] == [
+        f"1 folders under {stray.parent} are not part of the store (never read; safe to delete): round_099"]
+    assert not [w for w in recwarn if "zarr" in type(w.message).__name__.lower() or "Zarr" in str(w.message)]
+    store = PseudoLabelStore(Path(cfg.run_dir) / "pseudo_labels")
+    assert store.rounds() == [1, 2]
+    cases = sorted(store.manifest(1)["case_id"].unique())
+    assert store.damaged_cases(1, cases) == {}  # read in parallel: every case whole
+    chunk = next((Path(cfg.run_dir) / "pseudo_labels" / "masks.zarr" / "round_001" / cases[1] / "pseudo_label" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert list(store.damaged_cases(1, cases)) == [cases[1]]
