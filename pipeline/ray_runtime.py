@@ -38,9 +38,11 @@ def init_ray(cfg: WorkersConfig) -> bool:
                 log.info("connecting to the Ray cluster at %s", address)
                 ray.init(address=address, log_to_driver=True)
             else:
-                log.info("starting a local Ray cluster on 127.0.0.1 (dashboard %s)",
-                         f"on {cfg.dashboard_host}" if cfg.include_dashboard else "off")
-                with _loopback_only():
+                log.info("starting a local Ray cluster on 127.0.0.1 (%s; Ray's token authentication %s)",
+                         f"dashboard on {cfg.dashboard_host}" if cfg.include_dashboard else
+                         "dashboard UI off: Ray's API server process still runs, for job and state queries",
+                         os.environ.get("RAY_AUTH_MODE", "on, Ray's default; RAY_AUTH_MODE=disabled opts out"))
+                with _loopback_only(), _without_notice(_TOKEN_AUTH_LOGGER, _TOKEN_AUTH_NOTICE):
                     ray.init(address="local", num_cpus=cfg.local_num_cpus, num_gpus=cfg.local_num_gpus,
                              include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
                              log_to_driver=True)
@@ -49,6 +51,33 @@ def init_ray(cfg: WorkersConfig) -> bool:
                 ray.shutdown()
             raise
     return True
+
+
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+"""Ray (2.60) warns on every start of a local cluster that it enabled token authentication; the start-up line
+above says so once, in our words, so Ray's notice is dropped."""
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+@contextlib.contextmanager
+def _without_notice(logger_name: str, starts: str):
+    """Drop one third-party log message (by its start) while the block runs; every other message passes."""
+    target = logging.getLogger(logger_name)
+    drop = _DropNotice(starts)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -66,6 +66,8 @@ def test_signal_during_training_stops_within_seconds_and_resumes(data12, tmp_pat
     assert proc.returncode == code, err[-3000:]
     assert "interrupted by " + sig.name in err and "rerun the same command to resume" in err
     assert "*** SIGTERM received" not in err and "logging.cc" not in err  # no native crash dump
+    assert "Token authentication is enabled" not in err  # issue 31: Ray's notice is said once, in our words
+    assert "dashboard UI off: Ray's API server process still runs" in err
     assert stopped_in < 30, stopped_in
     assert read_lock(Location.of(run_dir)) is None  # released
     state = yaml.safe_load((run_dir / "state.json").read_text())
