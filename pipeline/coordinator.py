@@ -224,7 +224,8 @@ class Coordinator:
         self.on_event("published", self, round=r)
         if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
             start_eval = time.perf_counter()
-            summary.test = round_means(self.trainer_client.call(f"evaluating round {r}", "evaluate", r))
+            summary.test = round_means(self.trainer_client.call(
+                f"evaluating round {r}", "evaluate", r, progress=f"{len(self.split.test)} test cases"))
             summary.timing["eval_s"] = round(time.perf_counter() - start_eval, 3)
         summary.seconds = time.perf_counter() - start
         return summary
@@ -380,7 +381,9 @@ class Coordinator:
                     table = None
             if table is None:
                 table = self.trainer_client.call(f"scoring class sources for round {r}", "select_sources", r,
-                                                 self.split.selection)
+                                                 self.split.selection,
+                                                 progress=f"{len(self.split.selection)} selection cases, generalist "
+                                                          "and specialist")
                 table["checkpoint_sha256"] = sha
                 write_table(table, loc)
         sources, evidence = decide(configured, table, self.cfg.generalist.auto_min_gain)

@@ -94,3 +94,23 @@ def test_stray_round_folder_is_one_note_in_verify_and_no_zarr_warning(finished, 
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     assert list(store.damaged_cases(1, cases)) == [cases[1]]
+
+
+def test_a_long_trainer_call_says_it_is_still_running(ray_cluster, monkeypatch, caplog):
+    """Issue 31 item 8: evaluation and class-source scoring print a line every STILL_EVERY_S, not nothing."""
+    import ray
+
+    from pipeline import trainer_client
+    from pipeline.interrupt import StopFlag
+
+    @ray.remote(num_cpus=0.1)
+    def slow() -> int:
+        import time
+
+        time.sleep(2.0)
+        return 7
+
+    monkeypatch.setattr(trainer_client, "STILL_EVERY_S", 0.5)
+    seen: list[float] = []
+    assert trainer_client.wait_for(slow.remote(), StopFlag(), still=seen.append) == 7
+    assert len(seen) >= 2 and seen == sorted(seen) and seen[0] >= 0.5
