@@ -34,7 +34,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from pipeline.class_source import configured_sources, decide
 from pipeline.class_source import describe as describe_sources
 from pipeline.config import RunConfig, with_absolute_paths
-from pipeline.errors import PlacementError
+from pipeline.errors import PlacementError, StoreError
 from pipeline.evaluation import audit_means, audit_pseudo_labels, round_means
 from pipeline.events import EventLog, round_scalars
 from pipeline.generalist.factory import caches_embeddings, generalist_name
@@ -376,8 +376,12 @@ class Coordinator:
             sha = self.state["checkpoints"].get(str(checkpoint_version), "")
             loc = self.folder.table("selection", r)
             if loc.exists():
-                table = read_table(loc)
-                if table.empty or set(table["checkpoint_sha256"]) != {sha}:
+                try:
+                    table = read_table(loc)
+                except StoreError as e:  # damaged: scored again and rewritten
+                    log.warning("%s; scoring the class sources again", str(e).split(";")[0])
+                    table = None
+                if table is not None and (table.empty or set(table["checkpoint_sha256"]) != {sha}):
                     table = None
             if table is None:
                 table = self.trainer_client.call(f"scoring class sources for round {r}", "select_sources", r,

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from pipeline.checkpoint import checksum_path, load_checkpoint
 from pipeline.config import RunConfig, config_differences
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.round_summary import RoundSummary
 from pipeline.run_folder import RunFolder
 from pipeline.storage import Location, read_table, sha256_hex
@@ -81,7 +81,10 @@ def broken_link(folder: RunFolder, state: dict, store: PseudoLabelStore | None, 
         return f"checkpoint {r} has no SHA-256 in {RunFolder.STATE}"
     eval_loc = folder.table("eval", r)
     if eval_loc.exists():
-        table = read_table(eval_loc)
+        try:
+            table = read_table(eval_loc)
+        except StoreError as e:  # a damaged table is redone with its round, never read
+            return f"its test table cannot be read ({str(e).split(' cannot be read ', 1)[-1].split(';')[0]})"
         if "checkpoint_sha256" in table and set(table["checkpoint_sha256"].dropna()) - {sha}:
             return f"its test table {eval_loc.name} was computed with another checkpoint than checkpoint {r}"
     if r > 0 and store is not None:

@@ -114,3 +114,15 @@ def test_a_long_trainer_call_says_it_is_still_running(ray_cluster, monkeypatch, 
     seen: list[float] = []
     assert trainer_client.wait_for(slow.remote(), StopFlag(), still=seen.append) == 7
     assert len(seen) >= 2 and seen == sorted(seen) and seen[0] >= 0.5
+
+
+def test_damaged_eval_table_at_resume_redoes_its_round_to_the_same_result(finished, tmp_path, caplog):
+    cfg = copy_run(finished, tmp_path)
+    table = Path(cfg.run_dir) / "eval" / "round_002.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        run_to_end(cfg)
+    assert any("round_002.parquet" in r.getMessage() or "test table cannot be read" in r.getMessage()
+               for r in caplog.records)
+    assert _final_dice(cfg) == _final_dice(finished)
+    assert verify_run(cfg.run_dir).ok
