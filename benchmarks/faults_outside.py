@@ -78,6 +78,7 @@ class Run:
     def start(self) -> Run:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.logfile = open(self.log_path, "a")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.logfile, stderr=subprocess.STDOUT)
         return self
@@ -85,7 +86,9 @@ class Run:
     def wait(self, timeout: float = 900) -> int:
         rc = self.proc.wait(timeout=timeout)
         self.logfile.close()
-        self.log = self.log_path.read_text()
+        with open(self.log_path) as f:  # this start's output only (a rerun appends to the same file)
+            f.seek(self.log_offset)
+            self.log = f.read()
         return rc
 
     def actors(self, kind: str) -> list[int]:
@@ -307,9 +310,151 @@ def blank_image(ref: float) -> dict:
             "passed": rc == 0 and warned and prompts == 0}
 
 
+# -- issue 31: faults outside the list ------------------------------------------------------------------------
+SAM = ("generalist.backend=sam", f"generalist.cache_dir={WORK / 'cache'}",
+       f"generalist.sam.checkpoint={WORK / 'data' / 'tiny_sam.pt'}")
+
+
+def _descendants(pid: int) -> set[int]:
+    procs = _procs()
+    mine, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, (ppid, _, _) in procs.items() if ppid in frontier} - mine
+        mine |= frontier
+    return mine
+
+
+def sigint_early(ref: float) -> dict:
+    """SIGINT (as from a terminal, default disposition) 1, 3, 6, 10, 20 and 35 s after `semisam run` starts:
+    each must exit 130 with one line and no traceback, and leave no process of the run 10 s later; then a
+    rerun of the last one resumes to the reference result."""
+    tries = {}
+    for after in (1, 3, 6, 10, 20, 35):
+        run = Run("sigint_early").start()
+        seen, t0 = set(), time.monotonic()
+        while time.monotonic() - t0 < after and run.proc.poll() is None:
+            seen |= _descendants(run.proc.pid)
+            time.sleep(0.05)
+        run.proc.send_signal(signal.SIGINT)
+        rc = run.wait(timeout=120)
+        time.sleep(10)
+        left = sorted(pid for pid in seen if alive(pid))
+        errors, traceback = _error_lines(run.log)
+        said = [ln for ln in run.log.splitlines() if "interrupted by SIGINT" in ln]
+        tries[f"{after}s"] = {"exit": rc, "traceback": traceback, "left_after_10s": len(left),
+                              "line": said[-1].split(": ", 1)[-1][:160] if said else "",
+                              "passed": rc == 130 and not traceback and not left and len(said) == 1}
+        log.info("SIGINT at %d s: %s", after, tries[f"{after}s"])
+    res = _result(run.start(), run.wait(), ref)
+    return {"tries": tries, "rerun": res, "passed": all(t["passed"] for t in tries.values()) and res["passed"]}
+
+
+def cache_chunk_truncated(ref: float) -> dict:
+    """`truncate -s 2048` one chunk of the shared embedding cache (generalist.backend=sam) after a run that
+    filled it; a second run on the same cache must warn naming the file and end with the first run's Dice."""
+    shutil.rmtree(WORK / "cache", ignore_errors=True)
+    first = Run("cache_fill", *SAM).start()
+    rc1 = first.wait()
+    chunk = next(p for p in sorted((WORK / "cache").rglob("c/*/0/0/0")) if p.stat().st_size > 2048)
+    os.truncate(chunk, 2048)
+    second = Run("cache_chunk_truncated", *SAM).start()
+    res = _result(second, second.wait(), first.final_dice() if rc1 == 0 else None)
+    res["named"] = sum(str(chunk.parent.parent.parent.parent.parent) in ln for ln in second.log.splitlines()
+                       if "embedding cache" in ln)
+    res["passed"] = res["passed"] and res["named"] == 1
+    return res
+
+
+def manifest_part_deleted(ref: float) -> dict:
+    """`rm pseudo_labels/manifest/part-r001-*` of a finished run, rerun: round 1's cases are relabeled."""
+    run = Run("manifest_part_deleted").start()
+    run.wait()
+    for part in (run.dir / "pseudo_labels" / "manifest").glob("part-r001-*"):
+        part.unlink()
+    ok_before, _ = _verify(run.dir)
+    res = _result(run.start(), run.wait(), ref, verify_ok_before_rerun=ok_before)
+    res["repair_line"] = next((ln.split(": ", 1)[-1] for ln in run.log.splitlines() if "no manifest rows" in ln), "")
+    res["passed"] = res["passed"] and not ok_before and bool(res["repair_line"])
+    return res
+
+
+def config_yaml_broken(ref: float) -> dict:
+    """The run folder's config.yaml cut in half (not YAML any more) after a finished run; rerun."""
+    run = Run("config_yaml_broken").start()
+    run.wait()
+    cfg = run.dir / "config.yaml"
+    cfg.write_text(cfg.read_text()[: len(cfg.read_text()) // 2] + "\n  - [unclosed: {\n")
+    res = _result(run.start(), run.wait(), ref)
+    res["passed"] = res["passed"] and "config.yaml is damaged" in res["error"]
+    return res
+
+
+def preset_labels_replaced(ref: float) -> dict:
+    """A config with base: conf/acdc.yaml and data.labels {0: background, 1: LA}: `semisam config --resolved`."""
+    preset = WORK / "la.yaml"
+    preset.write_text(f"base: {ROOT / 'conf' / 'acdc.yaml'}\ndata:\n  labels: {{0: background, 1: LA}}\n")
+    out = subprocess.run([str(SEMISAM), "config", "--resolved", str(preset)], capture_output=True, text=True)
+    import yaml
+
+    labels = yaml.safe_load(out.stdout)["data"]["labels"] if out.returncode == 0 else None
+    base_line = next((ln.split(": ", 1)[-1][:120] for ln in out.stderr.splitlines() if "from its base" in ln), "")
+    return {"exit": out.returncode, "labels": labels, "base_line": base_line,
+            "passed": labels == {"0": "background", "1": "LA"} and bool(base_line)}
+
+
+def selection_in_unlabeled(ref: float) -> dict:
+    """data.selection naming a training case after the labeled ones, with class_source auto."""
+    split = json.loads((WORK / "data" / "splits.json").read_text())
+    case = split["train_order"][-1]
+    run = Run("selection_in_unlabeled", "generalist.class_source=auto", f"data.selection=[{case}]").start()
+    rc = run.wait()
+    line = next((ln.split(": ", 1)[-1] for ln in run.log.splitlines() if "held out of the unlabeled pool" in ln), "")
+    m = pd.concat(pd.read_parquet(p) for p in (run.dir / "pseudo_labels" / "manifest").glob("*.parquet"))
+    return {"exit": rc, "split_line": line, "selection_case_relabeled": bool((m["case_id"] == case).any()),
+            "passed": rc == 0 and bool(line) and not (m["case_id"] == case).any()}
+
+
+def empty_label(ref: float) -> dict:
+    """One labeled case's label all zeros (same header): validate and run must say so."""
+    data = WORK / "data_empty_label"
+    if not data.exists():
+        shutil.copytree(WORK / "data", data)
+    case = json.loads((data / "splits.json").read_text())["train_order"][0]  # labeled
+    path = next((data / "labelsTr").glob(f"{case}*.nii.gz"))
+    lab = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine, lab.header), path)
+    val = subprocess.run([str(SEMISAM), "validate", str(data)], capture_output=True, text=True)
+    run = Run("empty_label", data=data).start()
+    rc = run.wait()
+    said = lambda text: any("empty label" in ln and case in ln for ln in text.splitlines())  # noqa: E731
+    return {"exit": rc, "validate_warned": said(val.stderr), "run_warned": said(run.log),
+            "passed": rc == 0 and said(val.stderr) and said(run.log)}
+
+
+def stray_round_folder(ref: float) -> dict:
+    """A stray `masks.zarr/round_099` folder in a finished run: `semisam verify`."""
+    run = Run("stray_round_folder").start()
+    run.wait()
+    (run.dir / "pseudo_labels" / "masks.zarr" / "round_099" / "x").mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([str(SEMISAM), "verify", str(run.dir)], capture_output=True, text=True)
+    note = next((ln.strip() for ln in out.stdout.splitlines() if "round_099" in ln), "")
+    return {"exit": out.returncode, "note": note, "zarr_warning": "ZarrUserWarning" in out.stderr,
+            "passed": out.returncode == 0 and bool(note) and "ZarrUserWarning" not in out.stderr}
+
+
+def ray_notices(ref: float) -> dict:
+    """The reference run's log: no Ray token-auth notice; the start-up line says what runs of the dashboard."""
+    text = (WORK / "logs" / "reference.log").read_text()
+    return {"token_notice": "Token authentication is enabled" in text,
+            "says_api_server": "Ray's API server process still runs" in text,
+            "passed": "Token authentication is enabled" not in text and "Ray's API server process still runs" in text}
+
+
 FAULTS = {f.__name__: f for f in (trainer_killed_evaluating, trainer_stopped, sam_stopped, chunk_bit_flipped,
                                   checkpoint_deleted, case_arrays_deleted, live_pid_stale_lock, non_finite,
-                                  disk_full, blank_image)}
+                                  disk_full, blank_image, sigint_early, cache_chunk_truncated,
+                                  manifest_part_deleted, config_yaml_broken, preset_labels_replaced,
+                                  selection_in_unlabeled, empty_label, stray_round_folder, ray_notices)}
 
 
 def main() -> None:

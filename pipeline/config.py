@@ -11,6 +11,8 @@ checkpoint as a plain dict (``cfg.model_dump(mode="json")``).
 
 from __future__ import annotations
 
+import logging
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +30,8 @@ from pydantic import (
 from pipeline.data.case_ids import check_case_id
 from pipeline.errors import ConfigError
 from pipeline.storage import Location, is_url
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -669,12 +673,46 @@ def with_absolute_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
     return config_from_dict(tree, source="<resolved>")
 
 
-def _merged(base: dict, over: dict) -> dict:
-    """``over`` laid on ``base``: mappings merge key by key, any other value replaces the base's."""
+def _section_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The config section (a pydantic model) that ``model``'s field ``key`` holds, or None when the field holds
+    a plain value or a whole-value mapping (``data.labels``, ``resources``, ``storage_options``, a
+    ``class_source`` per class): those are replaced, never merged."""
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return None
+    kinds = [field.annotation, *typing.get_args(field.annotation)]
+    return next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+
+
+def _merged(base: dict, over: dict, model: type[BaseModel] | None = None) -> dict:
+    """``over`` laid on ``base``: config sections merge key by key; any other value, a mapping that is one
+    value (the class names of ``data.labels``, say) included, replaces the base's whole."""
+    model = model or RunConfig
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        section = _section_model(model, key)
+        merge = section is not None and isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value, section) if merge else value
     return out
+
+
+def _leaves(tree: dict, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """Dotted keys of a config tree's values (a whole-value mapping counts as one value)."""
+    model = model or RunConfig
+    out = []
+    for key, value in tree.items():
+        section = _section_model(model, key)
+        if section is not None and isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.", section)
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _taken_from_base(base: dict, over: dict) -> list[str]:
+    """Dotted keys whose value comes from the base (the file does not set them)."""
+    mine = set(_leaves(over))
+    return [k for k in _leaves(base) if k not in mine and not any(k.startswith(m + ".") for m in mine)]
 
 
 def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -698,7 +736,11 @@ def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         return tree
     if not isinstance(base, str):
         raise ConfigError(f"config file {path}: base must be the path of another config file, got {base!r}")
-    return _merged(_read_tree(path.parent / base, (*chain, path)), tree)
+    base_tree = _read_tree(path.parent / base, (*chain, path))
+    taken = _taken_from_base(base_tree, tree)
+    log.info("config %s: %d settings from its base %s (%s); whole-value mappings such as data.labels are "
+             "replaced, not merged", path.name, len(taken), base, ", ".join(taken) or "none")
+    return _merged(base_tree, tree)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

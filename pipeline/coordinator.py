@@ -38,7 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from pipeline.class_source import configured_sources, decide
 from pipeline.class_source import describe as describe_sources
 from pipeline.config import RunConfig, with_absolute_paths
-from pipeline.errors import PlacementError
+from pipeline.errors import PlacementError, StoreError
 from pipeline.evaluation import audit_means, audit_pseudo_labels, round_means
 from pipeline.events import EventLog, round_scalars
 from pipeline.generalist.factory import caches_embeddings, generalist_name
@@ -54,6 +54,7 @@ from pipeline.resume import (  # noqa: F401 - prepare_run_dir, RESUMABLE_CHANGES
     check_chain,
     forget_checkpoints_from,
     invalid_cases,
+    lost_cases,
     newest_published,
     prepare_run_dir,
     warm_start,
@@ -86,13 +87,16 @@ class Actors:
 class Coordinator:
     """Owns the actors of one run and drives its rounds. Holds the run folder's lock while it lives."""
 
-    def __init__(self, cfg: RunConfig, actors: Actors, on_event=None):
-        """``on_event(name, coordinator, **details)``: called at round/task boundaries (progress, tests)."""
+    def __init__(self, cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None):
+        """``on_event(name, coordinator, **details)``: called at round/task boundaries (progress, tests).
+        ``stop``: the StopFlag the caller installed before anything started (the CLI does, so a Ctrl-C in
+        preflight, Ray's start-up or placement is seen too: it is checked after each of them)."""
         self.cfg = cfg = with_absolute_paths(cfg)
         self.actors = actors
         self.on_event = on_event or (lambda *a, **k: None)
-        self.stop = StopFlag()
+        self.stop = stop or StopFlag()
         cfg, self.info, self.split = preflight(cfg)  # the config may gain data.labels (see preflight)
+        self.stop.check()
         self.cfg = cfg
         self.folder = RunFolder(cfg.run_dir)
         self.faults = cfg.workers.faults
@@ -102,13 +106,17 @@ class Coordinator:
         self.pool: SamPool | None = None
         self.hang_watch = HangWatch(cfg.workers.faults.hung_after_s, cfg.workers.faults.hung_factor)
         try:
+            self.stop.check()
             self.cfg, self.state = prepare_run_dir(self.cfg)
             self.events = EventLog(cfg.run_dir, "rounds")  # TensorBoard: tensorboard --logdir <run folder>/tb
             self.store = PseudoLabelStore(self.folder.pseudo_labels, create=True,
                                           class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
             # Without the pseudo-label term there is nothing to relabel: no SAM pool, rounds only train.
             self.relabels = bool(self.split.unlabeled) and cfg.train.pseudo_label.active
+            self.stop.check()
             self._started_ray = init_ray(cfg.workers)
+            self.stop.reclaim()  # Ray's native SIGTERM handler aborts the driver; ours is put back
+            self.stop.check()
             self._place_actors()
         except BaseException:
             self.shutdown()
@@ -223,7 +231,8 @@ class Coordinator:
         if self.split.val:  # every round: the validation Dice chooses the best round (state.json "best")
             summary.val = round_means(self.trainer_client.call(f"validating round {r}", "evaluate", r, "val"))
         if self.split.test and (self.cfg.eval.every_round or r == self.cfg.rounds - 1):
-            summary.test = round_means(self.trainer_client.call(f"evaluating round {r}", "evaluate", r))
+            summary.test = round_means(self.trainer_client.call(
+                f"evaluating round {r}", "evaluate", r, progress=f"{len(self.split.test)} test cases"))
         if summary.val or summary.test:
             summary.timing["eval_s"] = round(time.perf_counter() - start_eval, 3)
         summary.seconds = time.perf_counter() - start
@@ -296,13 +305,16 @@ class Coordinator:
         return todo
 
     def _repair_completed(self, completed: list[int]) -> None:
-        """Redo the cases of completed relabel rounds that cannot be used (``invalid_cases``) with the
-        checkpoint that made them, so the record is whole again; the rounds' training is not redone (it
-        used the cases before they were lost). Given-up cases stay given up."""
+        """Redo the cases of completed relabel rounds that cannot be used with the checkpoint that made
+        them, so the record is whole again, both ways: rows whose arrays are missing, damaged or stale
+        (``invalid_cases``), and unlabeled cases without rows (``lost_cases``, e.g. a deleted manifest part).
+        The rounds' training is not redone (it used the cases before they were lost). Given-up cases stay
+        given up."""
         if not self.relabels:
             return
         for r in (r for r in completed if r > 0):
-            redo = sorted(invalid_cases(self.store, self.state, r))
+            redo = sorted(invalid_cases(self.store, self.state, r)
+                          | lost_cases(self.store, self.state, r, self.split.unlabeled))
             if redo:
                 log.info("round %d is completed; relabeling %d of its cases again with checkpoint %d", r,
                          len(redo), r - 1)
@@ -372,12 +384,18 @@ class Coordinator:
             sha = self.state["checkpoints"].get(str(checkpoint_version), "")
             loc = self.folder.table("selection", r)
             if loc.exists():
-                table = read_table(loc)
-                if table.empty or set(table["checkpoint_sha256"]) != {sha}:
+                try:
+                    table = read_table(loc)
+                except StoreError as e:  # damaged: scored again and rewritten
+                    log.warning("%s; scoring the class sources again", str(e).split(";")[0])
+                    table = None
+                if table is not None and (table.empty or set(table["checkpoint_sha256"]) != {sha}):
                     table = None
             if table is None:
                 table = self.trainer_client.call(f"scoring class sources for round {r}", "select_sources", r,
-                                                 self.split.selection)
+                                                 self.split.selection,
+                                                 progress=f"{len(self.split.selection)} selection cases, generalist "
+                                                          "and specialist")
                 table["checkpoint_sha256"] = sha
                 write_table(table, loc)
         sources, evidence = decide(configured, table, self.cfg.generalist.auto_min_gain)
@@ -407,15 +425,16 @@ class Coordinator:
         return out
 
 
-def run(cfg: RunConfig, actors: Actors, on_event=None) -> list[RoundSummary]:
+def run(cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None) -> list[RoundSummary]:
     """Run (or resume) a whole run; the Ray cluster is started here if none is reachable."""
-    return run_with_stats(cfg, actors, on_event)[0]
+    return run_with_stats(cfg, actors, on_event, stop)[0]
 
 
-def run_with_stats(cfg: RunConfig, actors: Actors, on_event=None) -> tuple[list[RoundSummary], list[dict]]:
+def run_with_stats(cfg: RunConfig, actors: Actors, on_event=None,
+                   stop: StopFlag | None = None) -> tuple[list[RoundSummary], list[dict]]:
     """:func:`run`, plus each live SAM actor's counters (``SamWorker.stats``: encoder/decoder calls, cache
     hits, seconds), read before the actors are shut down (tests and benchmarks count these)."""
-    coordinator = Coordinator(cfg, actors, on_event)
+    coordinator = Coordinator(cfg, actors, on_event, stop)
     try:
         summaries = coordinator.run()
         return summaries, coordinator.worker_stats()

@@ -42,7 +42,8 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, object, object]:
         warn_derived_labels(info, derived, len(split.labeled) + len(split.test))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": derived})})
         info = read_data(cfg.data)
-    validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels)
+    validate_cases(info, split, check_unlabeled_labels=cfg.eval.audit_pseudo_labels,
+                   slice_axis=cfg.data.slice_axis)
     g = cfg.generalist
     if g.backend == "sam" and cfg.train.pseudo_label.active and split.unlabeled:
         check_sam_checkpoint(g.sam)

@@ -32,17 +32,25 @@ def init_ray(cfg: WorkersConfig) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address == "auto":
         address = _own_current_cluster()
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log.info("starting a local Ray cluster on 127.0.0.1 (dashboard %s)",
-                 f"on {cfg.dashboard_host}" if cfg.include_dashboard else "off")
-        with _loopback_only():
-            num_cpus, num_gpus = local_cluster_size(cfg)
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                     include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
-                     log_to_driver=True)
+    with _keep_own_sigterm_handler():
+        try:
+            if address:
+                log.info("connecting to the Ray cluster at %s", address)
+                ray.init(address=address, log_to_driver=True)
+            else:
+                log.info("starting a local Ray cluster on 127.0.0.1 (%s; Ray's token authentication %s)",
+                         f"dashboard on {cfg.dashboard_host}" if cfg.include_dashboard else
+                         "dashboard UI off: Ray's API server process still runs, for job and state queries",
+                         os.environ.get("RAY_AUTH_MODE", "on, Ray's default; RAY_AUTH_MODE=disabled opts out"))
+                with _loopback_only(), _without_notice(_TOKEN_AUTH_LOGGER, _TOKEN_AUTH_NOTICE):
+                    num_cpus, num_gpus = local_cluster_size(cfg)
+                    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                             include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
+                             log_to_driver=True)
+        except BaseException:  # a failed or interrupted start-up: whatever it started goes with it
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise
     return True
 
 
@@ -53,6 +61,58 @@ def local_cluster_size(cfg: WorkersConfig) -> tuple[int | None, int | None]:
         return None if value in (None, "auto") else int(value)
 
     return count(cfg.local_num_cpus), count(cfg.local_num_gpus)
+
+
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+"""Ray (2.60) warns on every start of a local cluster that it enabled token authentication; the start-up line
+above says so once, in our words, so Ray's notice is dropped."""
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+@contextlib.contextmanager
+def _without_notice(logger_name: str, starts: str):
+    """Drop one third-party log message (by its start) while the block runs; every other message passes."""
+    target = logging.getLogger(logger_name)
+    drop = _DropNotice(starts)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _keep_own_sigterm_handler():
+    """``ray.init`` replaces the driver's SIGTERM handler by its own (``sys.exit(15)``, or, for a local
+    cluster, kill its processes and ``sys.exit(1)``), which would turn a SIGTERM into exit 1 with the
+    coordinator never told. When the caller handles SIGTERM itself (``semisam run``'s
+    :class:`pipeline.interrupt.StopFlag`), Ray's (private, 2.60) setter does nothing during the call; the
+    caller then shuts the cluster down itself (``Coordinator.shutdown``)."""
+    import signal
+
+    try:
+        from ray._private import utils as ray_utils
+    except ImportError:  # another Ray layout: its handler stays
+        yield
+        return
+    saved = getattr(ray_utils, "set_sigterm_handler", None)
+    if saved is None or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = saved
 
 
 def _no_colour_codes() -> None:

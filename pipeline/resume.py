@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from pipeline.checkpoint import checksum_path, load_checkpoint
 from pipeline.config import RunConfig, config_differences
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.round_summary import RoundSummary
 from pipeline.run_folder import RunFolder
 from pipeline.storage import Location, read_table, sha256_hex
@@ -81,7 +81,10 @@ def broken_link(folder: RunFolder, state: dict, store: PseudoLabelStore | None, 
         return f"checkpoint {r} has no SHA-256 in {RunFolder.STATE}"
     eval_loc = folder.table("eval", r)
     if eval_loc.exists():
-        table = read_table(eval_loc)
+        try:
+            table = read_table(eval_loc)
+        except StoreError as e:  # a damaged table is redone with its round, never read
+            return f"its test table cannot be read ({str(e).split(' cannot be read ', 1)[-1].split(';')[0]})"
         if "checkpoint_sha256" in table and set(table["checkpoint_sha256"].dropna()) - {sha}:
             return f"its test table {eval_loc.name} was computed with another checkpoint than checkpoint {r}"
     if r > 0 and store is not None:
@@ -136,6 +139,26 @@ def invalid_cases(store: PseudoLabelStore, state: dict, r: int) -> set[str]:
                     shown, " ..." if len(bad) > 5 else "")
         store.remove_cases(r, set(bad))
     return set(bad)
+
+
+def given_up(state: dict, r: int) -> set[str]:
+    """Cases round ``r`` gave up on (its summary's ``failed_cases``): they stay given up on a resume."""
+    for summary in state.get("summaries", []):
+        if summary.get("round") == r:
+            return set((summary.get("relabel") or {}).get("failed_cases") or {})
+    return set()
+
+
+def lost_cases(store: PseudoLabelStore, state: dict, r: int, unlabeled: list[str]) -> set[str]:
+    """Unlabeled cases of completed relabel round ``r`` that have no manifest rows and were not given up
+    (rows against arrays, as ``semisam verify`` checks them: a deleted manifest part loses its cases' rows
+    while their arrays stay). Their arrays, if any, are replaced when they are relabeled."""
+    lost = set(unlabeled) - set(store.manifest(r)["case_id"]) - given_up(state, r)
+    if lost:
+        shown = ", ".join(sorted(lost)[:5])
+        log.warning("round %d is completed but %d unlabeled cases have no manifest rows (%s%s): they are "
+                    "relabeled with checkpoint %d", r, len(lost), shown, " ..." if len(lost) > 5 else "", r - 1)
+    return lost
 
 
 def _check_warm_source(cfg: RunConfig, src_run: RunFolder, where: str) -> None:

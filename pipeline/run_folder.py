@@ -35,6 +35,11 @@ def empty_state() -> dict:
     return {"completed": [], "summaries": [], "checkpoints": {}}
 
 
+def _damaged_state(loc: Location, why: str) -> ConfigError:
+    return ConfigError(f"{loc} is damaged ({why}); it records which rounds are done. Restore it, or delete it "
+                       "to redo every round (checkpoints and pseudo-labels are rewritten)")
+
+
 class RunFolder:
     """One run folder (see the module docstring). Cheap to make; touches storage only when asked."""
 
@@ -112,15 +117,33 @@ class RunFolder:
         ``train.schedule_rounds`` fixed (runs older than that key followed ``rounds``)."""
         from pipeline.config import with_defaults
 
-        saved = with_defaults(yaml.safe_load(self.config_loc.read_text()))
-        saved["train"]["schedule_rounds"] = saved["train"].get("schedule_rounds") or saved["rounds"]
+        saved = with_defaults(self._config_tree())
+        try:
+            saved["train"]["schedule_rounds"] = saved["train"].get("schedule_rounds") or saved["rounds"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise self._damaged_config(f"no {e} key where a run's config has one") from None
         return saved
+
+    def _config_tree(self) -> dict:
+        """``config.yaml`` parsed; a file that is not YAML, or not a mapping, is an error naming it."""
+        try:
+            tree = yaml.safe_load(self.config_loc.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise self._damaged_config(str(e).replace("\n", " ")) from None
+        if not isinstance(tree, dict):
+            raise self._damaged_config(f"it holds a {type(tree).__name__}, not a mapping of config keys")
+        return tree
+
+    def _damaged_config(self, why: str) -> ConfigError:
+        return ConfigError(f"{self.config_loc} is damaged ({why[:200]}); it is the run's saved config. Restore "
+                           "it (e.g. `semisam config --resolved CONFIG [overrides] > config.yaml`), or pick a "
+                           "new name= / output_dir= to start the run anew")
 
     def load_config(self):
         """The saved config, validated (``RunConfig``); errors name ``config.yaml``."""
         from pipeline.config import config_from_dict
 
-        return config_from_dict(yaml.safe_load(self.config_loc.read_text()), source=str(self.config_loc))
+        return config_from_dict(self._config_tree(), source=str(self.config_loc))
 
     def config_if_any(self):
         """:meth:`load_config`, or None when the folder holds no run (a store read on its own)."""
@@ -146,9 +169,15 @@ class RunFolder:
         try:
             state = json.loads(loc.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{loc} is damaged ({e}); it records which rounds are done. Restore it, or delete "
-                              "it to redo every round (checkpoints and pseudo-labels are rewritten)") from None
+            raise _damaged_state(loc, str(e)) from None
+        if not isinstance(state, dict):
+            raise _damaged_state(loc, f"it holds a {type(state).__name__}, not an object")
         state.setdefault("checkpoints", {})
+        state.setdefault("summaries", [])
+        shapes = {"completed": list, "summaries": list, "checkpoints": dict}
+        wrong = [k for k, kind in shapes.items() if not isinstance(state.get(k), kind)]
+        if wrong or not all(isinstance(r, int) for r in state["completed"]):
+            raise _damaged_state(loc, f"{', '.join(wrong) or 'completed'} missing or of the wrong type")
         return state
 
     def save_state(self, state: dict) -> None:

@@ -32,21 +32,31 @@ def cpu_gpu(resources: dict) -> dict:
     return {k: v for k, v in resources.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
 
 
-def wait_for(ref, stop, deadline: float | None = None, watch=None, hung_after_s: float = float("inf")):
+STILL_EVERY_S = 10.0
+"""How often a long trainer call that reports no progress of its own (evaluation, class-source scoring) is
+said to be still running."""
+
+
+def wait_for(ref, stop, deadline: float | None = None, watch=None, hung_after_s: float = float("inf"),
+             still: Callable[[float], None] | None = None):
     """``ray.get`` that wakes every POLL_SECONDS to ``stop.check()`` (Ctrl-C/SIGTERM: a StopFlag, or a
     :class:`pipeline.overlap.LinkedStop`); GetTimeoutError past ``deadline``.
 
     ``watch`` (an actor handle with an ``alive`` method in its own concurrency group): while waiting, the
     actor is asked ``alive()`` every ``HEARTBEAT_SECONDS``; one that has not answered for ``hung_after_s``
     is declared hung (HungError): a stopped or wedged process never answers, a busy one does (from its
-    own thread)."""
+    own thread). ``still(seconds)``: called every ``STILL_EVERY_S`` while waiting (a progress line)."""
     beat, beat_sent, last_answer = None, 0.0, time.monotonic()
+    started = said = time.monotonic()
     while True:
         stop.check()
         ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
         if ready:
             return ray.get(ref)
         now = time.monotonic()
+        if still is not None and now - said >= STILL_EVERY_S:
+            said = now
+            still(now - started)
         if deadline is not None and now > deadline:
             raise GetTimeoutError("deadline passed")
         if watch is None:
@@ -98,12 +108,16 @@ class TrainerClient:
                     raise WorkerError(f"the trainer did not come back: {short_cause(e)}") from None
                 time.sleep(0.5)  # restarting: ask again
 
-    def once(self, what: str, method: str, *args, stop=None):
+    def once(self, what: str, method: str, *args, stop=None, progress: str = ""):
         """One call. An error the method raises is final; a trainer that dies or hangs (then killed: Ray
-        restarts it) raises TrainerLost."""
+        restarts it) raises TrainerLost. ``progress``: said with the seconds so far every ``STILL_EVERY_S``
+        (for calls that log nothing themselves)."""
+        def still(seconds: float) -> None:
+            log.info("%s: %.0f s so far%s", what, seconds, f" ({progress})" if progress else "")
+
         try:
             return wait_for(getattr(self.handle, method).remote(*args), stop or self.stop, watch=self.handle,
-                            hung_after_s=self.faults.hung_after_s)
+                            hung_after_s=self.faults.hung_after_s, still=still if progress else None)
         except RayTaskError as e:
             cause = task_error_cause(e)
             if isinstance(cause, SemisamError):
@@ -117,9 +131,9 @@ class TrainerClient:
             kill_actor(self.handle, self.info)
             raise TrainerLost(f"hung in {what}: {e}") from None
 
-    def call(self, what: str, method: str, *args, stop=None):
+    def call(self, what: str, method: str, *args, stop=None, progress: str = ""):
         """:meth:`once`, made again after the trainer is revived when it was lost."""
-        return self.with_retries(what, lambda: self.once(what, method, *args, stop=stop), stop)
+        return self.with_retries(what, lambda: self.once(what, method, *args, stop=stop, progress=progress), stop)
 
     def with_retries(self, what: str, body: Callable[[], object], stop=None):
         """Run ``body`` (trainer calls); if the trainer is lost, revive it and run ``body`` again."""

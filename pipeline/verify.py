@@ -172,6 +172,10 @@ def _check_store(folder: RunFolder, cfg, completed: list[int], checkpoints: dict
     except SemisamError as e:
         rep.problems.append(str(e))
         return
+    stray = store.stray_folders()
+    if stray:
+        rep.notes.append(f"{len(stray)} folders under {store.masks_loc} are not part of the store (never read; "
+                         f"safe to delete): {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}")
     m = _manifest_with_parts(store, rep)
     expected = _expected_unlabeled(cfg, rep)
     for r in store.rounds():

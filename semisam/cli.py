@@ -8,17 +8,19 @@
     semisam demo-data OUT                    write the synthetic MSD dataset and a tiny random SAM checkpoint
     semisam validate ROOT                    check a dataset folder (MSD, h5, SSL4MIS; detected) and list every problem
     semisam config                           every config key: type, default, meaning (docs/config.md is its output)
+    semisam config --resolved CONFIG [k=v]   the config a run would use (base: and overrides applied), as YAML
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from pipeline.errors import Interrupted, SemisamError
-from pipeline.interrupt import exit_code
+from pipeline.errors import ConfigError, Interrupted, SemisamError
+from pipeline.interrupt import StopFlag, exit_code
 
 log = logging.getLogger("semisam")
 
@@ -30,16 +32,29 @@ def _out(text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.reports import rounds_table
-    from semisam.launch import run
-
-    cfg = load_config(args.config, args.overrides)
+    """The stop flag goes in first, before the heavy imports (torch, Ray, segment_anything), preflight, Ray's
+    start-up and placement, and stays until the process exits: a Ctrl-C or SIGTERM at any moment ends in
+    one line and exit 130/143, with the actors and a self-started Ray shut down (``Coordinator.shutdown``)."""
+    stop = StopFlag().__enter__()  # kept installed until exit: the interpreter restores nothing we need
+    cfg = None
     try:
-        summaries = run(cfg)
+        from pipeline.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        stop.check()
+        from pipeline.reports import rounds_table
+        from semisam.launch import run
+
+        stop.check()
+        summaries = run(cfg, stop=stop)
+        stop.check()  # a signal during the shutdown of a finished run: the run is whole, but say so
     except Interrupted as e:
-        log.warning("%s (run folder %s)", e, cfg.run_dir)
+        log.warning("%s (run folder %s)", e, cfg.run_dir if cfg is not None else "not opened yet")
         return exit_code(e.signum)
+    except KeyboardInterrupt:  # a second signal while stopping: at once
+        signum = stop.signum or signal.SIGINT
+        log.warning("%s", Interrupted(signum).args[0].replace("interrupted by", "stopped at once by a second"))
+        return exit_code(signum)
     _out(f"run folder: {cfg.run_dir}")
     _out(rounds_table(summaries))
     return 0
@@ -106,6 +121,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.resolved:  # what a run would use: the file, its base(s) and the overrides, validated
+        from pipeline.config import dump_config, load_config
+
+        sys.stdout.write(dump_config(load_config(args.resolved, args.overrides)))
+        return 0
+    if args.overrides:
+        raise ConfigError(f"overrides ({' '.join(args.overrides)}) go with --resolved CONFIG")
     from pipeline.config_reference import reference_markdown
 
     sys.stdout.write(reference_markdown())
@@ -179,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the demo); hippocampus: low-contrast parts, as the test fixtures")
     d.set_defaults(func=cmd_demo_data)
 
-    c = sub.add_parser("config", help="print every config key with its type, default and meaning (Markdown)")
+    c = sub.add_parser("config", help="print every config key with its type, default and meaning (Markdown), "
+                       "or with --resolved the config a run would use")
+    c.add_argument("--resolved", metavar="CONFIG", help="print the resolved config of this file (its base: "
+                   "and the overrides applied, validated) as YAML, as the run folder's config.yaml would hold it")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, with --resolved")
     c.set_defaults(func=cmd_config)
 
     v = sub.add_parser("validate", help="check a dataset folder")

@@ -170,3 +170,23 @@ def test_the_manifest_column_reads_back():
     sources = {1: "generalist", 3: "specialist"}
     assert from_json(as_json(sources)) == sources
     assert from_json("{}") == {} and from_json("") == {}
+
+
+def test_selection_cases_in_the_unlabeled_pool_are_taken_out_of_it(synthetic_root, caplog):
+    """Issue 31: data.selection naming training cases after the labeled ones was refused; they are held out."""
+    import logging
+
+    base = small_config_dict(synthetic_root, synthetic_root / "unused")
+    whole = resolve_split(config_from_dict(base).data, read_dataset_info(synthetic_root))
+    chosen = whole.unlabeled[:2]
+    cfg = config_from_dict({**base, "data": {**base["data"], "selection": chosen}})
+    info = read_dataset_info(synthetic_root)
+    with caplog.at_level(logging.INFO, logger="pipeline.data.splits"):
+        split = resolve_split(cfg.data, info)
+    assert split.unlabeled == whole.unlabeled[2:] and split.labeled == whole.labeled and split.test == whole.test
+    assert any("2 data.selection cases held out of the unlabeled pool" in r.getMessage() for r in caplog.records)
+    cases, source = resolve_selection(cfg.data, info, split)
+    assert cases == chosen and source == "data.selection"
+    labeled = config_from_dict({**base, "data": {**base["data"], "selection": [whole.labeled[0]]}})
+    with pytest.raises(ConfigError, match="is also a labeled case; selection cases must be held out"):
+        resolve_selection(labeled.data, info, resolve_split(labeled.data, info))

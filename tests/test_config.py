@@ -479,3 +479,39 @@ def test_the_gpu_preset_is_acdc_with_the_literature_budget_on_gpus():
     assert gpu.workers.local_num_cpus == "auto"
     assert (gpu.data, gpu.train.method, gpu.generalist) == (cpu.data, cpu.train.method, cpu.generalist.model_copy(
         update={"sam": cpu.generalist.sam.model_copy(update={"embed_batch_size": gpu.generalist.sam.embed_batch_size})}))
+
+
+# -- whole-value mappings replace the base's; what a base gave is logged and printable -----
+def test_a_whole_value_mapping_replaces_the_bases_and_sections_still_merge(tmp_path, caplog):
+    import logging
+
+    root = Path(__file__).resolve().parents[1]
+    preset = tmp_path / "la.yaml"
+    preset.write_text(yaml.safe_dump({"base": str(root / "conf" / "acdc.yaml"),
+                                      "data": {"labels": {0: "background", 1: "LA"}},
+                                      "workers": {"sam": {"resources": {"sam_gpu": 1}}}}))
+    with caplog.at_level(logging.INFO, logger="pipeline.config"):
+        cfg = load_config(preset)
+    assert cfg.data.labels == {0: "background", 1: "LA"}  # not {0, 1: LA, 2: MYO, 3: LV}
+    assert cfg.workers.sam.resources == {"sam_gpu": 1.0}
+    acdc = load_config(root / "conf" / "acdc.yaml")
+    assert cfg.data.root == acdc.data.root and cfg.train.iterations == acdc.train.iterations  # sections merge
+    assert cfg.workers.sam.num_workers == acdc.workers.sam.num_workers
+    line = next(r.getMessage() for r in caplog.records if "from its base" in r.getMessage())
+    assert "data.root" in line and "train.iterations" in line and "data.labels" not in line.split("(")[1].split(")")[0]
+
+
+def test_config_resolved_prints_what_a_run_would_use(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    preset = tmp_path / "la.yaml"
+    preset.write_text(yaml.safe_dump({"base": str(root / "conf" / "acdc.yaml"),
+                                      "data": {"labels": {0: "background", 1: "LA"}}}))
+    out = subprocess.run([str(Path(sys.executable).parent / "semisam"), "config", "--resolved", str(preset),
+                          "rounds=5"], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    tree = yaml.safe_load(out.stdout)
+    assert tree["rounds"] == 5 and tree["data"]["labels"] == {"0": "background", "1": "LA"}
+    assert tree["train"]["iterations"] == load_config(root / "conf" / "acdc.yaml").train.iterations

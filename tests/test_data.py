@@ -365,3 +365,31 @@ def test_real_label_shape_mismatch(tmp_path: Path):
     assert str(root / "labelsTr" / "hippocampus_001.nii.gz") in problem
     assert str(root / "imagesTr" / "hippocampus_001.nii.gz") in problem
     assert "(512, 512, 94)" in problem and str(image_shape) in problem
+
+
+def test_validate_warns_about_empty_labels_missing_spacing_and_the_h5_slice_axis(tmp_path: Path, caplog):
+    """Issue 31 item 7: quiet data problems are said, each in one warning naming the cases."""
+    import logging
+
+    root = tmp_path / "h5set"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    for name, label, spacing in (("a", True, True), ("b", False, True), ("c", True, False)):
+        with h5py.File(root / f"{name}.h5", "w") as f:
+            f["image"] = rng.normal(size=(6, 8, 10)).astype(np.float32)
+            f["label"] = np.zeros((6, 8, 10), np.uint8) if not label else (rng.random((6, 8, 10)) > 0.5).astype(np.uint8)
+            if spacing:
+                f.attrs["spacing"] = [1.0, 1.0, 2.0]
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.validate"):
+        validate_dataset(root, format="h5")
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 labeled cases have an empty label (all background): b" in m for m in said), said
+    assert any("1 of 3 cases record no voxel spacing" in m and "c.h5" in m for m in said), said
+    assert any("3D h5 volumes" in m and "(6, 8, 10)" in m for m in said), said
+    caplog.clear()
+    info = read_dataset_info(root, format="h5")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.validate"):
+        validate_cases(info, Split(labeled=["a"], unlabeled=["c"], test=["b"]), slice_axis=2)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 test cases have an empty label" in m and ": b;" in m for m in said), said
+    assert any("data.slice_axis=2: slices of 10 along axis 2" in m for m in said), said

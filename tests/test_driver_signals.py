@@ -66,6 +66,8 @@ def test_signal_during_training_stops_within_seconds_and_resumes(data12, tmp_pat
     assert proc.returncode == code, err[-3000:]
     assert "interrupted by " + sig.name in err and "rerun the same command to resume" in err
     assert "*** SIGTERM received" not in err and "logging.cc" not in err  # no native crash dump
+    assert "Token authentication is enabled" not in err  # issue 31: Ray's notice is said once, in our words
+    assert "dashboard UI off: Ray's API server process still runs" in err
     assert stopped_in < 30, stopped_in
     assert read_lock(Location.of(run_dir)) is None  # released
     state = yaml.safe_load((run_dir / "state.json").read_text())
@@ -93,3 +95,57 @@ def test_killed_driver_mid_relabel_resumes_exactly_once(data12, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "taking over the lock" in out.stderr
     assert_exactly_once(cfg, [1])
+
+
+# -- issue 31: a signal before the run is under way (imports, preflight, Ray's start-up, placement) -----------
+def _tree(pid: int) -> set[int]:
+    """Live descendants of ``pid`` (from /proc), the driver's own Ray processes among them."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parents[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError):
+                pass
+    mine, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - mine
+        mine |= frontier
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+@pytest.mark.parametrize("after_s", [1, 3, 6, 10])
+def test_sigint_before_the_run_is_under_way_is_one_line_and_leaves_nothing(data12, tmp_path, after_s):
+    path, cfg = _setup(data12, tmp_path, workers={"trainer": {"num_cpus": 0.5, "torch_threads": 1},
+                                                  "sam": {"num_workers": 1, "num_cpus": 0.5, "torch_threads": 1}})
+    proc = _start(path)
+    seen: set[int] = set()
+    deadline = time.monotonic() + after_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen |= _tree(proc.pid)  # every process of the run, so that none escapes the check below
+        time.sleep(0.05)
+    seen |= _tree(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"SIGINT at {after_s} s did not stop the run within 90 s")
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "interrupted by SIGINT" in err and "rerun the same command to resume" in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.2)
+    left = sorted(p for p in seen if _alive(p))
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
+    assert read_lock(Location.of(cfg.run_dir)) is None

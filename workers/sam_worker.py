@@ -102,7 +102,8 @@ class SamWorker:
             except StoreError:
                 raise  # the store cannot be written (full, gone): not this case's fault; the run stops, resumable
             except Exception as e:  # noqa: BLE001 - one bad case must not take the others with it
-                log.exception("SAM worker %d: case %s failed", self.index, case_id)
+                # the driver says it in one line (retried, or given up); the traceback only in the debug log
+                log.debug("SAM worker %d: case %s failed", self.index, case_id, exc_info=True)
                 failed[case_id] = f"{type(e).__name__}: {e}"[:500]
         return_free_heap()
         self.seconds += time.perf_counter() - start

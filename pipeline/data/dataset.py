@@ -527,6 +527,16 @@ def _case_array(info: DatasetInfo, files: CaseFiles, key: str) -> tuple[np.ndarr
     return _h5_array(path, key, key)
 
 
+def spacing_recorded(info: DatasetInfo, case_id: str) -> bool:
+    """Whether a case's file records its voxel spacing (NIfTI always does; an h5 file needs a ``spacing``
+    attribute, else 1 mm is assumed). Reads attributes only."""
+    files = _case(info, case_id)
+    if info.format == "msd":
+        return True
+    path = files.slices[0] if files.slices else files.image
+    return bool(_h5_read(path, "image", lambda f, ds: "spacing" in f.attrs or "spacing" in ds.attrs))
+
+
 def read_image_shape(info: DatasetInfo, case_id: str) -> tuple[int, int, int]:
     """(X, Y, Z) of a case's image from the header only (no voxel data is read)."""
     files = _case(info, case_id)

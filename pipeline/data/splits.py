@@ -185,6 +185,8 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
             problems.append(f"{source}: num_labeled={cfg.num_labeled} but train_order has only "
                             f"{len(train_order)} cases")
         labeled, unlabeled = train_order[:k], train_order[k:]
+    held_out = _held_out_selection(cfg, unlabeled)
+    unlabeled = [c for c in unlabeled if c not in held_out]
     val, val_source = resolve_val(cfg, info, file_val, source, test, unlabeled)
     unlabeled = [c for c in unlabeled if c not in set(val)]
     _check({"labeled": labeled, "unlabeled": unlabeled, "test": test, "val": val}, info, source, problems)
@@ -193,8 +195,9 @@ def resolve_split(cfg: DataConfig, info: DatasetInfo) -> Split:
         raise ConfigError(f"bad split ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
                           + "\n  ".join(problems) + read_as)
     unlabeled, test, val = _first_n(cfg, unlabeled, test, val)
-    logger.info("split from %s: %d labeled, %d unlabeled, %d validation, %d test", source, len(labeled),
-                len(unlabeled), len(val), len(test))
+    held = f" ({len(held_out)} data.selection cases held out of the unlabeled pool)" if held_out else ""
+    logger.info("split from %s: %d labeled, %d unlabeled%s, %d validation, %d test", source, len(labeled),
+                len(unlabeled), held, len(val), len(test))
     return Split(labeled=labeled, unlabeled=unlabeled, test=test, val=val, val_source=val_source)
 
 
@@ -236,6 +239,16 @@ def resolve_val(cfg: DataConfig, info: DatasetInfo, file_val: list[str] | None, 
                        "is the last", cfg.num_val, len(unlabeled), len(candidates))
         return [], ""
     return candidates[-cfg.num_val:], f"the last {cfg.num_val} labeled cases of the unlabeled pool (data.num_val)"
+
+
+def _held_out_selection(cfg: DataConfig, unlabeled: list[str]) -> set[str]:
+    """The ``data.selection`` cases (the first ``data.max_selection``) that the split put in the unlabeled
+    pool: held-out cases are scored with their labels, so they are taken out of it (a selection case that
+    is labeled or test stays refused, :func:`resolve_selection`)."""
+    if cfg.selection is None:
+        return set()
+    kept = cfg.selection[: cfg.max_selection] if cfg.max_selection is not None else cfg.selection
+    return set(kept) & set(unlabeled)
 
 
 def resolve_selection(cfg: DataConfig, info: DatasetInfo, split: Split) -> tuple[list[str], str]:

@@ -19,6 +19,7 @@ from pipeline.data.dataset import (
     read_dataset_info,
     read_image_shape,
     read_label_shape,
+    spacing_recorded,
 )
 from pipeline.data.splits import Split
 from pipeline.errors import DatasetError
@@ -62,6 +63,48 @@ def _check_label(info: DatasetInfo, case_id: str, image_shape: tuple[int, int, i
         problems.extend(e.problems)
 
 
+def quiet_problems(info: DatasetInfo, split: Split, slice_axis: int | None = None) -> list[str]:
+    """What does not stop a run but changes its numbers, one warning each: labeled or test cases whose label
+    is all background (nothing to learn or measure), cases without a recorded spacing (distances in voxels),
+    and for 3D h5 volumes the axis that is sliced (h5 files carry no orientation). Labels of unlabeled cases
+    are never opened."""
+    notes: list[str] = []
+    for part, ids in (("labeled", split.labeled), ("test", split.test)):
+        empty = []
+        for c in ids:
+            try:
+                if info.cases[c].label is not None and not load_label(info, c).any():
+                    empty.append(c)
+            except (DatasetError, KeyError):  # reported as a problem by _problems
+                continue
+        if empty:
+            notes.append(f"{len(empty)} {part} cases have an empty label (all background): {', '.join(empty[:5])}"
+                         f"{' ...' if len(empty) > 5 else ''}; they teach or score background only: check the "
+                         "label files, or leave the cases out of the split")
+    if info.format != "msd":
+        cases = [c for c in split.all_cases if c in info.cases]
+        without = []
+        for c in cases:
+            try:
+                if not spacing_recorded(info, c):
+                    without.append(c)
+            except DatasetError:
+                continue
+        if without:
+            notes.append(f"{len(without)} of {len(cases)} cases record no voxel spacing (no 'spacing' attribute "
+                         f"in their h5 file, e.g. {info.cases[without[0]].image}): 1 mm is assumed, so HD95 and "
+                         "ASD are in voxels; add the attribute (3 numbers, mm) or read distances as voxels")
+        volumes = [c for c in cases if not info.cases[c].slices]
+        if volumes:
+            shape = read_image_shape(info, volumes[0])
+            axis = "data.slice_axis (default 0)" if slice_axis is None else f"data.slice_axis={slice_axis}"
+            picked = "" if slice_axis is None else f": slices of {shape[slice_axis]} along axis {slice_axis}"
+            notes.append(f"{len(volumes)} cases are 3D h5 volumes (e.g. {volumes[0]}, shape {shape}); h5 files "
+                         f"carry no orientation, so a run slices them along {axis}{picked}; check it is the "
+                         "axis across the slices you want (LA's mri_norm2.h5: axis 2)")
+    return notes
+
+
 def _problems(info: DatasetInfo, split: Split, check_unlabeled_labels: bool) -> list[str]:
     problems = _orphan_problems(info)
     role: dict[str, str] = {}
@@ -87,7 +130,8 @@ def _problems(info: DatasetInfo, split: Split, check_unlabeled_labels: bool) -> 
     return problems
 
 
-def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool = False) -> None:
+def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool = False,
+                   slice_axis: int | None = None) -> None:
     """Check every case of ``split`` and the dataset's orphan labels; one DatasetError lists all problems.
 
     Images of all split cases: exist, readable, one channel, finite. Labeled, validation and test cases: label
@@ -98,6 +142,8 @@ def validate_cases(info: DatasetInfo, split: Split, check_unlabeled_labels: bool
     problems = _problems(info, split, check_unlabeled_labels)
     if problems:
         raise DatasetError(problems)
+    for note in quiet_problems(info, split, slice_axis):
+        logger.warning("dataset %s: %s", info.root, note)
     logger.info("dataset check of %s: OK (%d labeled, %d unlabeled, %d validation, %d test cases%s)", info.root,
                 len(split.labeled), len(split.unlabeled), len(split.val), len(split.test),
                 "; unlabeled labels audited" if check_unlabeled_labels else "")
@@ -122,6 +168,8 @@ def validate_dataset(root: Path, format: str = "auto") -> DatasetInfo:
     problems = _problems(info, split, False)
     if problems:
         raise DatasetError(problems)
+    for note in quiet_problems(info, split):
+        logger.warning("dataset %s: %s", info.root, note)
     logger.info("dataset %s is valid: %d cases (%d labeled, %d unlabeled), classes %s", info.root,
                 len(info.cases), len(with_label), len(without), info.labels)
     return info

@@ -113,44 +113,71 @@ class EmbeddingCache:
 
         Returns ({slice index: float32 (C, E, E)}, the indices that came from the cache). Only slices
         stored for this very image (same hash) and marked with a matching checksum are read; an image
-        that differs from the one cached under ``case_id`` is logged and embedded anew.
+        that differs from the one cached under ``case_id`` is logged and embedded anew. Any entry that
+        cannot be read (truncated chunk, missing or foreign metadata, wrong shape or dtype, bad checksum)
+        is a miss: one warning names the file, the slice is recomputed and rewritten. A fresh embedding
+        is returned as the cache stores it (rounded to ``dtype``), so the numbers are the same whether a
+        slice came from the cache or not: a rerun is bit-identical whatever the cache held.
         """
         if not wanted:
             return {}, set()
         digest = image_sha256(slices)
         path = f"{self.key}/{case_id}/{digest[:NAME_HEX]}"
         marks = self._marks(path)
-        out: dict[int, np.ndarray] = {}
-        arr = None
-        if marks:
-            try:
-                arr = zarr.open_array(store=self._store, path=path, mode="r+")
-            except FileNotFoundError:  # marks without an array: someone deleted part of the cache
-                marks = {}
-        if arr is not None:
-            for s in (s for s in wanted if s in marks):
-                stored = np.asarray(arr[s])  # one chunk (4x faster than arr.oindex[list] for a ViT slice)
-                if _checksum(stored) in marks[s]:
-                    out[s] = stored.astype(np.float32)
-                else:
-                    log.warning("embedding cache: case %s slice %d does not match its checksum "
-                                "(an interrupted or damaged write): recomputing it", case_id, s)
+        arr = self._open(path, slices.shape[0]) if marks else None
+        out = self._read_marked(arr, path, marks, wanted) if arr is not None else {}
         present = set(out)
         missing = [s for s in wanted if s not in present]
         if missing:
             if not marks:
                 self._warn_if_image_changed(case_id, digest)
             new = embed(slices[missing])
-            if arr is None:
-                arr = self._create(path, slices, digest, new.shape[1:])
+            if arr is None or arr.shape[1:] != new.shape[1:]:
+                arr = self._create(path, slices, digest, new.shape[1:], replace=bool(marks))
             for s, e in zip(missing, new, strict=True):
                 stored = e.astype(self.dtype)
                 arr[s] = stored  # one whole chunk, written atomically by the store
                 (self.root / path / "done" / f"{s}.{_checksum(stored)}").write_bytes(b"")  # after the chunk
-                out[s] = np.asarray(e, dtype=np.float32)  # no copy when embed gave float32
+                out[s] = stored.astype(np.float32)  # as a later read of the cache gives it back
         self.misses += len(missing)
         self.hits += len(present)
         return out, present
+
+    def _open(self, path: str, num_slices: int) -> zarr.Array | None:
+        """The image's array when its metadata reads and fits (``num_slices`` slices, the cache's dtype);
+        else None, warned once naming the folder (its slices are then recomputed and the array rewritten)."""
+        try:
+            arr = zarr.open_array(store=self._store, path=path, mode="r+")
+        except Exception as e:  # noqa: BLE001 - missing or damaged metadata: any failure is a miss
+            why = f"its metadata cannot be read ({type(e).__name__}: {str(e)[:120]})"
+        else:
+            if arr.shape[0] == num_slices and arr.dtype == self.dtype and len(arr.shape) == 4:
+                return arr
+            why = f"it holds shape {arr.shape} {arr.dtype}, not ({num_slices}, C, E, E) {self.dtype}"
+        log.warning("embedding cache: %s is unusable: %s; its slices are recomputed and rewritten",
+                    self.root / path, why)
+        return None
+
+    def _read_marked(self, arr: zarr.Array, path: str, marks: dict[int, set[str]],
+                     wanted: list[int]) -> dict[int, np.ndarray]:
+        """{slice: float32 embedding} of the ``wanted`` slices that are marked, read whole and match their
+        mark's checksum; the others are left out (recomputed). One warning names the damaged chunks."""
+        out: dict[int, np.ndarray] = {}
+        bad: list[str] = []
+        for s in (s for s in wanted if s in marks):
+            try:
+                stored = np.asarray(arr[s])  # one chunk (4x faster than arr.oindex[list] for a ViT slice)
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign chunk: a miss, like a bad checksum
+                bad.append(f"slice {s} ({type(e).__name__})")
+                continue
+            if _checksum(stored) in marks[s]:
+                out[s] = stored.astype(np.float32)
+            else:
+                bad.append(f"slice {s} (checksum)")
+        if bad:
+            log.warning("embedding cache: %s: %s cannot be used (an interrupted or damaged write): "
+                        "recomputing and rewriting them", self.root / path, ", ".join(bad))
+        return out
 
     def _marks(self, path: str) -> dict[int, set[str]]:
         """{slice: checksums of its marks} of one image's array (one listing; temporary files ignored)."""
@@ -161,18 +188,23 @@ class EmbeddingCache:
                 marks.setdefault(int(m.group(1)), set()).add(m.group(2))
         return marks
 
-    def _create(self, path: str, slices: np.ndarray, digest: str, embedding_shape: tuple[int, ...]) -> zarr.Array:
-        """The image's array, created if absent (never overwritten: another writer may be filling it)."""
+    def _create(self, path: str, slices: np.ndarray, digest: str, embedding_shape: tuple[int, ...],
+                replace: bool = False) -> zarr.Array:
+        """The image's array, created if absent (never overwritten: another writer may be filling it), unless
+        ``replace``: the one there was found unusable, so it is written anew (its old marks go with it)."""
+        shape = (slices.shape[0], *embedding_shape)
         try:
-            return zarr.create_array(
-                store=self._store, name=path, shape=(slices.shape[0], *embedding_shape),
-                chunks=(1, *embedding_shape), dtype=self.dtype, compressors=None, fill_value=0,
+            arr = zarr.create_array(
+                store=self._store, name=path, shape=shape, chunks=(1, *embedding_shape), dtype=self.dtype,
+                compressors=None, fill_value=0, overwrite=replace,
                 attributes={"image_sha256": digest, "image_shape": list(slices.shape),
                             "image_dtype": str(slices.dtype)},
-                overwrite=False,
             )
         except ContainsArrayError:
-            return zarr.open_array(store=self._store, path=path, mode="r+")
+            arr = zarr.open_array(store=self._store, path=path, mode="r+")
+        if arr.shape != shape or arr.dtype != self.dtype:  # an unmarked foreign array: not ours to keep
+            return self._create(path, slices, digest, embedding_shape, replace=True)
+        return arr
 
     def _warn_if_image_changed(self, case_id: str, digest: str) -> None:
         others = [n for n in (self.root / self.key / case_id).list_names()
