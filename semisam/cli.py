@@ -30,15 +30,19 @@ def _out(text: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.oracle import BANNER, check_unlocked, is_oracle
     from pipeline.reports import rounds_table
     from semisam.launch import run
 
     cfg = load_config(args.config, args.overrides)
+    check_unlocked(cfg, args.leak_labels)  # before anything starts (the coordinator checks again)
     try:
-        summaries = run(cfg)
+        summaries = run(cfg, leak_labels=args.leak_labels)
     except Interrupted as e:
         log.warning("%s (run folder %s)", e, cfg.run_dir)
         return exit_code(e.signum)
+    if is_oracle(cfg):
+        _out(BANNER)
     _out(f"run folder: {cfg.run_dir}")
     _out(rounds_table(summaries))
     return 0
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run or resume a run")
     r.add_argument("config", help="YAML config, e.g. conf/demo.yaml")
     r.add_argument("overrides", nargs="*", help="dotted overrides such as train.iterations=200")
+    r.add_argument("--i-know-this-leaks-labels", dest="leak_labels", action="store_true",
+                   help="allow prompts.source: oracle_labels_LEAK (prompts from the unlabeled cases' labels: a "
+                   "ceiling for benchmarks, never a result); the run is marked as an oracle run everywhere")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="summarise a pseudo-label store")
