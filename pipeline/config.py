@@ -415,8 +415,12 @@ class AdaptConfig(_Strict):
     ``benchmarks/adapted_generalist.py``)."""
     slices_per_step: int = Field(default=4, ge=1)
     """Labeled slices per step (drawn with replacement); each prompts every class present on it."""
-    lr: float = Field(default=1e-4, gt=0)
-    """AdamW learning rate (MedSAM's fine-tuning rate)."""
+    lr: float = Field(default=3e-4, gt=0)
+    """AdamW learning rate of the decoder (and prompt encoder). MedSAM fine-tunes at 1e-4 for many epochs;
+    this budget is a few hundred prompts."""
+    class_token_lr: float = Field(default=3e-3, gt=0)
+    """AdamW learning rate of the class tokens, which start at zero and must grow to the scale of the other
+    prompt tokens within the budget."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay."""
     class_tokens: bool = True

@@ -124,7 +124,7 @@ def test_fitting_the_decoder_learns_ring_and_disk_and_the_artifact_reproduces_it
     embeddings = gen.embed(images)
     before = _tight_box_dice(gen, embeddings, labels)
 
-    cfg = AdaptConfig(enabled=True, iterations=80, slices_per_step=4, lr=6e-3, shift_std=0.02,
+    cfg = AdaptConfig(enabled=True, iterations=80, slices_per_step=4, lr=6e-3, class_token_lr=6e-3, shift_std=0.02,
                       log_scale_std=0.03, margin_min=0, margin_max=2)
     items = adapt_slices(dict(enumerate(embeddings)), labels, [RING, DISK], cfg.min_pixels)
     fitted = fit_decoder(gen, items, [RING, DISK], cfg, seed=0)

@@ -165,9 +165,10 @@ def fit_decoder(generalist, items: list[AdaptSlice], class_ids: list[int], cfg: 
     params = list(sam.mask_decoder.parameters())
     if cfg.train_prompt_encoder:
         params += list(sam.prompt_encoder.parameters())
+    groups = [{"params": params, "lr": cfg.lr}]
     if tokens is not None:
-        params += list(tokens.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups.append({"params": list(tokens.parameters()), "lr": cfg.class_token_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sam.mask_decoder.train()
     start, history = time.perf_counter(), []
     with torch.enable_grad():
