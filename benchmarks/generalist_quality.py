@@ -175,7 +175,7 @@ def plot_lite(cells: list[dict], path: Path) -> Path:
         rows = [r for r in ROWS if any(c["row"] == r for c in mine)]
         for seed in sorted({c["seed"] for c in mine}):
             pts = [(i, c["final"]["dice"]) for i, r in enumerate(rows) for c in mine if c["row"] == r and c["seed"] == seed]
-            ax.plot(*zip(*pts), color=f"C{seed}", lw=0.7, alpha=0.45, marker="o", ms=4, zorder=2,
+            ax.plot(*zip(*pts, strict=True), color=f"C{seed}", lw=0.7, alpha=0.45, marker="o", ms=4, zorder=2,
                     label=f"seed {seed}")
         for i, r in enumerate(rows):
             vals = [c["final"]["dice"] for c in mine if c["row"] == r]
