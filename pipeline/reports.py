@@ -122,5 +122,4 @@ def eval_table(run_dir: Path) -> str:
         frozenset(units), "distances in mm (hd95_mm, asd_mm) and in voxels (hd95_vox, asd_vox)")
     names = frame.attrs.get("class_names", {})
     shown = frame.rename(columns={c: f"dice_{class_label(c, names)}" for c in frame.columns if c.startswith("dice_class")})
-    mark = oracle_banner(RunFolder(run_dir))
-    return (f"{mark}\n" if mark else "") + header + "\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    return header + "\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.4f}")

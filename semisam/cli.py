@@ -31,13 +31,14 @@ def _out(text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.oracle import BANNER, check_unlocked, is_oracle
+    from pipeline.coordinator import run
     from pipeline.reports import rounds_table
-    from semisam.launch import run
+    from semisam.launch import ACTORS
 
     cfg = load_config(args.config, args.overrides)
     check_unlocked(cfg, args.leak_labels)  # before anything starts (the coordinator checks again)
     try:
-        summaries = run(cfg, leak_labels=args.leak_labels)
+        summaries = run(cfg, ACTORS, leak_labels=args.leak_labels)
     except Interrupted as e:
         log.warning("%s (run folder %s)", e, cfg.run_dir)
         return exit_code(e.signum)
@@ -70,8 +71,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.oracle import banner
     from pipeline.reports import eval_table
+    from pipeline.run_folder import RunFolder
 
+    mark = banner(RunFolder(args.run))
+    if mark:  # an oracle run (prompts from labels) is never shown without saying so
+        _out(mark)
     _out(eval_table(args.run))
     if args.png:
         from pipeline.eval_plots import write_eval_plots

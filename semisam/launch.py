@@ -16,17 +16,16 @@ ACTORS = coordinator.Actors(trainer=TrainerWorker, sam=SamWorker)
 """The trainer and SAM actor classes every run of this project uses."""
 
 
-def make_coordinator(cfg: RunConfig, on_event=None, *, leak_labels: bool = False) -> coordinator.Coordinator:
-    """A :class:`pipeline.coordinator.Coordinator` with :data:`ACTORS` (call ``run()``, then ``shutdown()``).
-    ``leak_labels``: unlocks the oracle control (:mod:`pipeline.oracle`), for benchmarks only."""
-    return coordinator.Coordinator(cfg, ACTORS, on_event, leak_labels)
+def make_coordinator(cfg: RunConfig, on_event=None) -> coordinator.Coordinator:
+    """A :class:`pipeline.coordinator.Coordinator` with :data:`ACTORS` (call ``run()``, then ``shutdown()``)."""
+    return coordinator.Coordinator(cfg, ACTORS, on_event)
 
 
-def run(cfg: RunConfig, on_event=None, *, leak_labels: bool = False) -> list[RoundSummary]:
+def run(cfg: RunConfig, on_event=None) -> list[RoundSummary]:
     """Run (or resume) a whole run with :data:`ACTORS`; a local Ray cluster is started if none is reachable."""
-    return coordinator.run(cfg, ACTORS, on_event, leak_labels=leak_labels)
+    return coordinator.run(cfg, ACTORS, on_event)
 
 
-def run_with_stats(cfg: RunConfig, on_event=None, *, leak_labels: bool = False) -> tuple[list[RoundSummary], list[dict]]:
+def run_with_stats(cfg: RunConfig, on_event=None) -> tuple[list[RoundSummary], list[dict]]:
     """:func:`run`, plus each live SAM actor's counters (see :func:`pipeline.coordinator.run_with_stats`)."""
-    return coordinator.run_with_stats(cfg, ACTORS, on_event, leak_labels=leak_labels)
+    return coordinator.run_with_stats(cfg, ACTORS, on_event)

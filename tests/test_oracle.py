@@ -22,7 +22,7 @@ from pipeline.config import RunConfig, config_from_dict, load_config
 from pipeline.data.dataset import load_label
 from pipeline.errors import ConfigError
 from pipeline.oracle import BANNER, ORACLE, UNLOCK_FLAG, check_unlocked, is_oracle
-from pipeline.reports import eval_table, inspect_table
+from pipeline.reports import inspect_table
 from pipeline.run_folder import RunFolder
 from pipeline.storage import write_table
 from pipeline.store import PseudoLabelStore
@@ -75,7 +75,7 @@ def test_the_sam_actor_refuses_an_oracle_config_unless_unlocked(synthetic_root, 
 
 
 def test_an_unlocked_oracle_relabel_prompts_from_labels_and_every_output_says_so(specialist, tiny_sam_checkpoint,
-                                                                                  tmp_path):
+                                                                                  tmp_path, capsys):
     d, model, info, case_id, _ = specialist
     d = small_config_dict(Path(d["data"]["root"]), tmp_path, tiny_sam_checkpoint,
                           prompts={"source": ORACLE, "use_points": False, "box_margin": 0})
@@ -103,4 +103,5 @@ def test_an_unlocked_oracle_relabel_prompts_from_labels_and_every_output_says_so
     write_table(pd.DataFrame([{"round": 0, "case_id": "c", "class_id": 1, "class_name": "a", "dice": 0.5,
                                "jaccard": 0.3, "hd95_vox": 1.0, "asd_vox": 1.0, "checkpoint_sha256": "x"}]),
                 folder.table("eval", 0))
-    assert eval_table(folder.root).splitlines()[0] == BANNER
+    assert main(["eval", str(folder.root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == BANNER
