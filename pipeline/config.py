@@ -411,9 +411,10 @@ class AdaptConfig(_Strict):
     enabled: bool = False
     """Fit and use the adapted decoder (off: the checkpoint's own decoder, as published)."""
     iterations: int = Field(default=150, ge=1)
-    """Optimizer steps. 150 x 4 slices cost about 4 min on 2 busy CPU cores (LiteMedSAM;
-    ``benchmarks/adapted_generalist.py``)."""
-    slices_per_step: int = Field(default=4, ge=1)
+    """Optimizer steps. LiteMedSAM on 2 shared CPU cores, one thread: 60 steps x 2 slices took 143 CPU s
+    and lifted ACDC MYO from 0.08 to 0.65 (label boxes); 150 x 2 is the measured default
+    (``benchmarks/adapted_generalist.py``, docs/benchmarks.md)."""
+    slices_per_step: int = Field(default=2, ge=1)
     """Labeled slices per step (drawn with replacement); each prompts every class present on it."""
     lr: float = Field(default=3e-4, gt=0)
     """AdamW learning rate of the decoder (and prompt encoder). MedSAM fine-tunes at 1e-4 for many epochs;
