@@ -411,9 +411,10 @@ class AdaptConfig(_Strict):
     enabled: bool = False
     """Fit and use the adapted decoder (off: the checkpoint's own decoder, as published)."""
     iterations: int = Field(default=150, ge=1)
-    """Optimizer steps. LiteMedSAM on 2 shared CPU cores, one thread: 60 steps x 2 slices took 143 CPU s
-    and lifted ACDC MYO from 0.08 to 0.65 (label boxes); 150 x 2 is the measured default
-    (``benchmarks/adapted_generalist.py``, docs/benchmarks.md)."""
+    """Optimizer steps. LiteMedSAM on ACDC (3 labeled patients, 67 slices, 185 prompts), one thread on 2
+    shared CPU cores: 150 x 2 slices took 435 CPU s and lifted MYO from 0.09 to 0.73 on 60 val slices
+    (label boxes); 60 x 2 (143 CPU s) reached 0.65 (``benchmarks/adapted_generalist.py``,
+    docs/benchmarks.md)."""
     slices_per_step: int = Field(default=2, ge=1)
     """Labeled slices per step (drawn with replacement); each prompts every class present on it."""
     lr: float = Field(default=3e-4, gt=0)
@@ -433,9 +434,10 @@ class AdaptConfig(_Strict):
     """A class with fewer pixels on a slice is not prompted there (as ``prompts.min_component_pixels``)."""
     shift_std: float = Field(default=0.05, ge=0)
     """Box jitter: the box centre moves by a normal draw of this standard deviation times the box side,
-    along x and y. 0.05 (about 2 px on a 40 px ventricle) is a guess, not a measurement of a specialist's
-    boxes: a round-0 specialist on 3 ACDC patients misses whole structures (Dice 0.3-0.4), which no box
-    jitter models; ``benchmarks/adapted_generalist.py`` reports Dice under this jitter."""
+    along x and y. 0.05 (about 2 px on a 40 px ventricle) is a chosen value, not a measurement of a
+    specialist's boxes (none was trained for it): a round-0 specialist on 3 ACDC patients misses whole
+    structures (Dice 0.3-0.4), which no box jitter models. ``benchmarks/adapted_generalist.py`` scores
+    both generalists under this jitter."""
     log_scale_std: float = Field(default=0.08, ge=0)
     """Box jitter: each side length is multiplied by exp of a normal draw with this standard deviation
     (0.08: about +-8 %)."""
