@@ -30,8 +30,8 @@ def _out(text: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.oracle import BANNER, check_unlocked, is_oracle
     from pipeline.coordinator import run
+    from pipeline.oracle import BANNER, check_unlocked, is_oracle
     from pipeline.reports import rounds_table
     from semisam.launch import ACTORS
 
