@@ -97,6 +97,8 @@ class SamWorker:
         (``generalist/adapted_decoder.pt``) and decode with it from now on. Returns {"sha256", "stats"}.
         Only ``split.labeled``'s labels are opened (unlabeled and test labels never)."""
         cfg, axis = self.cfg.generalist.adapt, self.cfg.data.slice_axis
+        if self.generalist.decoder_sha256 or self.generalist.class_tokens is not None:
+            self.generalist = make_generalist(self.cfg.generalist, self.device)  # fit from the checkpoint's own
         items: list[adapt.AdaptSlice] = []
         for case_id in resolve_split(self.cfg.data, self.info).labeled:
             image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
