@@ -340,6 +340,12 @@ class PromptConfig(_Strict):
     """Perturbed members: each point moves by up to this many pixels along x and y (clipped to the slice)."""
     box_margin_jitter: int = Field(default=2, ge=0)
     """Perturbed members: each side of the box gets a margin drawn from box_margin +- this (at least 0)."""
+    source: Literal["specialist", "oracle_labels_LEAK"] = "specialist"
+    """Where prompts come from: the specialist's prediction (always, in a real run). ``oracle_labels_LEAK``
+    makes them from the unlabeled cases' *labels* (the released SemiSAM code's leak): a ceiling for
+    benchmarks only. A config with it is refused unless ``semisam run`` is also given
+    ``--i-know-this-leaks-labels`` (no config key unlocks it); such a run is marked as an oracle run on
+    every output (``pipeline.oracle``)."""
     threshold_jitter: float = Field(default=0.15, ge=0.0, lt=0.5)
     """Perturbed members: the specialist's foreground is taken where its top foreground class probability
     reaches a threshold drawn from 0.5 +- this (instead of the argmax), which changes the component the
@@ -347,6 +353,9 @@ class PromptConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_prompt(self) -> PromptConfig:
+        if self.source == "oracle_labels_LEAK" and self.ensemble > 1:
+            raise ValueError("prompts.source oracle_labels_LEAK takes one prompt set (prompts.ensemble: 1): "
+                             "the ensemble perturbs the specialist's probabilities")
         if not (self.use_box or self.use_points or self.use_mask_prompt):
             raise ValueError("prompts: use_box, use_points and use_mask_prompt are all false: nothing would "
                              "prompt the generalist")
@@ -423,6 +432,58 @@ class ClassicalConfig(_Strict):
     classical backend's own (``generalist.sam.window_percentiles`` is SAM's)."""
 
 
+class AdaptConfig(_Strict):
+    """The adapted generalist (``pipeline.generalist.adapt``): before the first relabel round a SAM actor
+    fine-tunes the mask decoder on the labeled training slices only (their labels' boxes, jittered as a
+    specialist's are wrong), loss BCE + soft Dice + the predicted IoU's MSE; the frozen encoder's embeddings
+    come from the embedding cache. The weights are a run artifact (``generalist/adapted_decoder.pt``, its
+    SHA-256 in state.json and in every manifest row, ``decoder_sha256``). SAM only."""
+
+    enabled: bool = False
+    """Fit and use the adapted decoder (off: the checkpoint's own decoder, as published)."""
+    iterations: int = Field(default=150, ge=1)
+    """Optimizer steps. LiteMedSAM on ACDC (3 labeled patients, 67 slices, 185 prompts), one thread on 2
+    shared CPU cores: 150 x 2 slices took 449 CPU s and lifted MYO from 0.09 to 0.82 on 60 val slices
+    (label boxes) (``benchmarks/adapted_generalist.py``, docs/benchmarks.md)."""
+    slices_per_step: int = Field(default=2, ge=1)
+    """Labeled slices per step (drawn with replacement); each prompts every class present on it."""
+    lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of the decoder (and prompt encoder), MedSAM's fine-tuning rate. On ACDC 1e-4 beat
+    3e-4 on every class (MYO 0.82 vs 0.73, LV 0.94 vs 0.93 from label boxes; docs/benchmarks.md)."""
+    class_token_lr: float = Field(default=3e-3, gt=0)
+    """AdamW learning rate of the class tokens, which start at zero and must grow to the scale of the other
+    prompt tokens within the budget."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    class_tokens: bool = True
+    """Append one learned token per class to each prompt: a box around the myocardium and one around the
+    blood pool it encloses are almost the same box, so the box alone cannot say ring or disk."""
+    train_prompt_encoder: bool = False
+    """Also fine-tune the prompt encoder (its box-corner embeddings)."""
+    min_pixels: int = Field(default=4, ge=1)
+    """A class with fewer pixels on a slice is not prompted there (as ``prompts.min_component_pixels``)."""
+    shift_std: float = Field(default=0.05, ge=0)
+    """Box jitter: the box centre moves by a normal draw of this standard deviation times the box side,
+    along x and y. 0.05 (about 2 px on a 40 px ventricle) is a chosen value, not a measurement of a
+    specialist's boxes (none was trained for it): a round-0 specialist on 3 ACDC patients misses whole
+    structures (Dice 0.3-0.4), which no box jitter models. ``benchmarks/adapted_generalist.py`` scores
+    both generalists under this jitter."""
+    log_scale_std: float = Field(default=0.08, ge=0)
+    """Box jitter: each side length is multiplied by exp of a normal draw with this standard deviation
+    (0.08: about +-8 %)."""
+    margin_min: int = Field(default=0, ge=0)
+    """Box jitter: see ``margin_max``."""
+    margin_max: int = Field(default=5, ge=0)
+    """Box jitter: a margin drawn uniformly from margin_min..margin_max pixels is added on every side (runs
+    prompt with ``prompts.box_margin``: 3 in conf/acdc.yaml, inside this range)."""
+
+    @model_validator(mode="after")
+    def _margins_ordered(self) -> AdaptConfig:
+        if self.margin_min > self.margin_max:
+            raise ValueError(f"generalist.adapt.margin_min {self.margin_min} > margin_max {self.margin_max}")
+        return self
+
+
 class GeneralistConfig(_Strict):
     backend: Literal["sam", "classical"] = "sam"
     """sam: a SAM-family model (``sam``: ViT, tiny, LiteMedSAM); classical: the weight-free random walker
@@ -437,6 +498,7 @@ class GeneralistConfig(_Strict):
     auto_min_gain: float = 0.0
     """``auto`` takes the generalist for a class when its mean Dice on the selection cases exceeds the
     specialist's by more than this."""
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     overlap: Literal["logit", "nested"] = "logit"
     """Where two classes' generalist masks overlap: the higher logit wins (logit), or the smaller mask
     (nested: a structure inside another's box, such as LV inside the myocardium, keeps its own mask)."""
@@ -455,6 +517,13 @@ class GeneralistConfig(_Strict):
     @classmethod
     def _cache_dir_as_text(cls, v: Any) -> Any:
         return str(v) if isinstance(v, Path) else v
+
+    @model_validator(mode="after")
+    def _adapt_needs_sam(self) -> GeneralistConfig:
+        if self.adapt.enabled and self.backend != "sam":
+            raise ValueError(f"generalist.adapt.enabled fine-tunes a SAM mask decoder; backend {self.backend!r} "
+                             "has none (use backend: sam)")
+        return self
 
 
 class ActorResources(_Strict):

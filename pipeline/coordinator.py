@@ -32,6 +32,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+import pandas as pd
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -41,8 +42,10 @@ from pipeline.config import RunConfig, with_absolute_paths
 from pipeline.errors import PlacementError, StoreError
 from pipeline.evaluation import audit_means, audit_pseudo_labels, round_means
 from pipeline.events import EventLog, round_scalars
+from pipeline.generalist.adapt import decoder_sha, forget_stale_decoder
 from pipeline.generalist.factory import caches_embeddings, generalist_name
 from pipeline.interrupt import StopFlag
+from pipeline.oracle import BANNER, check_unlocked, is_oracle, state_mark
 from pipeline.overlap import SideBySide
 from pipeline.placement import plan_pool
 from pipeline.pool import DEAD, HangWatch, SamPool, short_cause
@@ -87,10 +90,15 @@ class Actors:
 class Coordinator:
     """Owns the actors of one run and drives its rounds. Holds the run folder's lock while it lives."""
 
-    def __init__(self, cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None):
+    def __init__(self, cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None,
+                 leak_labels: bool = False):
         """``on_event(name, coordinator, **details)``: called at round/task boundaries (progress, tests).
         ``stop``: the StopFlag the caller installed before anything started (the CLI does, so a Ctrl-C in
-        preflight, Ray's start-up or placement is seen too: it is checked after each of them)."""
+        preflight, Ray's start-up or placement is seen too: it is checked after each of them).
+        ``leak_labels``: unlocks an oracle config (``prompts.source: oracle_labels_LEAK``,
+        :mod:`pipeline.oracle`); without it such a config is refused here, before anything runs."""
+        check_unlocked(cfg, leak_labels)
+        self.leak_labels = leak_labels
         self.cfg = cfg = with_absolute_paths(cfg)
         self.actors = actors
         self.on_event = on_event or (lambda *a, **k: None)
@@ -108,6 +116,10 @@ class Coordinator:
         try:
             self.stop.check()
             self.cfg, self.state = prepare_run_dir(self.cfg)
+            if is_oracle(self.cfg):
+                log.warning(BANNER)
+                self.state["oracle"] = state_mark()
+                self.folder.save_state(self.state)
             self.events = EventLog(cfg.run_dir, "rounds")  # TensorBoard: tensorboard --logdir <run folder>/tb
             self.store = PseudoLabelStore(self.folder.pseudo_labels, create=True,
                                           class_ids=self.info.foreground_classes, slice_axis=cfg.data.slice_axis)
@@ -162,7 +174,7 @@ class Coordinator:
                                             w.trainer, self.stop, lambda: newest_published(self.state))
         if self.relabels:
             sam = self._remote(self.actors.sam, w.sam)
-            self.pool = SamPool(lambda i: sam.remote(cfg_dict, i), self.lock.token)
+            self.pool = SamPool(lambda i: sam.remote(cfg_dict, i, self.leak_labels), self.lock.token)
             self.pool.grow(self.sam_wanted)
         self.trainer_client.await_ready()
 
@@ -196,6 +208,8 @@ class Coordinator:
         with self.stop:
             if self.cfg.train.init_from and 0 not in self.state["completed"]:
                 warm_start(self.cfg, self.state)
+            if self.relabels:
+                forget_stale_decoder(self.folder, self.state)
             completed = check_chain(self.folder, self.state, self.store if self.relabels else None)
             if completed:
                 self._repair_completed(completed)
@@ -330,6 +344,7 @@ class Coordinator:
         ``stop``: what the queue polls (default the run's StopFlag)."""
         assert self.pool is not None
         self.store.ensure_round(r, checkpoint_version, generalist_name(self.cfg.generalist))
+        self._ensure_adapted(stop or self.stop)
         todo = self._todo(r) if cases is None else list(cases)
         sources, evidence = self._class_sources(r, checkpoint_version) if todo else (None, {})
         added = self.pool.grow(self.sam_wanted)
@@ -369,7 +384,33 @@ class Coordinator:
         weights_ref = ray.put(self.trainer_client.call("sharing weights", "weights", checkpoint_version))
         sha = self.state["checkpoints"][str(checkpoint_version)]
         model_args = self.trainer_client.call("sharing model args", "model_args")
-        return checkpoint_version, model_args, [weights_ref], sources, sha
+        return checkpoint_version, model_args, [weights_ref], sources, sha, decoder_sha(self.state)
+
+    def _ensure_adapted(self, stop) -> None:
+        """With ``generalist.adapt``: the run's adapted decoder, fitted now by a SAM actor unless state.json
+        records one whose file still has its SHA-256 (:mod:`pipeline.generalist.adapt`). A lost actor is
+        replaced and asked again (``faults.case_attempts`` tries)."""
+        if not self.cfg.generalist.adapt.enabled or decoder_sha(self.state):
+            return
+        for attempt in range(1, self.faults.case_attempts + 1):
+            members = self.pool.alive()
+            if not members:
+                raise PlacementError("no SAM actor is alive to fit the adapted decoder (generalist.adapt)")
+            m = members[0]
+            log.info("fitting the adapted decoder on the labeled cases (%s, attempt %d)", m.label, attempt)
+            ref = m.handle.fit_adapted.remote()
+            while not ray.wait([ref], timeout=1.0)[0]:
+                stop.check()
+            try:
+                out = ray.get(ref)
+                break
+            except RayActorError as e:
+                self.pool.lost(m, e)
+                if attempt == self.faults.case_attempts:
+                    raise
+        self.state["adapted_decoder"] = {"sha256": out["sha256"], "stats": out["stats"]}
+        self.folder.save_state(self.state)
+        log.info("adapted decoder %s... (%s)", out["sha256"][:12], out["stats"])
 
     def _class_sources(self, r: int, checkpoint_version: int) -> tuple[dict[int, str] | None, dict]:
         """The round's class sources and the numbers they rest on (``pipeline.class_source``). For ``auto``
@@ -389,14 +430,18 @@ class Coordinator:
                 except StoreError as e:  # damaged: scored again and rewritten
                     log.warning("%s; scoring the class sources again", str(e).split(";")[0])
                     table = None
-                if table is not None and (table.empty or set(table["checkpoint_sha256"]) != {sha}):
-                    table = None
+                if table is not None:
+                    made_with = table.get("decoder_sha256", pd.Series([""] * len(table)))
+                    if (table.empty or set(table["checkpoint_sha256"]) != {sha}
+                            or set(made_with) != {decoder_sha(self.state)}):
+                        table = None
             if table is None:
                 table = self.trainer_client.call(f"scoring class sources for round {r}", "select_sources", r,
-                                                 self.split.selection,
+                                                 self.split.selection, decoder_sha(self.state),
                                                  progress=f"{len(self.split.selection)} selection cases, generalist "
                                                           "and specialist")
                 table["checkpoint_sha256"] = sha
+                table["decoder_sha256"] = decoder_sha(self.state)
                 write_table(table, loc)
         sources, evidence = decide(configured, table, self.cfg.generalist.auto_min_gain)
         log.info("round %d class sources: %s", r, describe_sources(sources, evidence, self.info.labels))
@@ -425,16 +470,18 @@ class Coordinator:
         return out
 
 
-def run(cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None) -> list[RoundSummary]:
-    """Run (or resume) a whole run; the Ray cluster is started here if none is reachable."""
-    return run_with_stats(cfg, actors, on_event, stop)[0]
+def run(cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None, *,
+        leak_labels: bool = False) -> list[RoundSummary]:
+    """Run (or resume) a whole run; the Ray cluster is started here if none is reachable. ``leak_labels``:
+    see :class:`Coordinator` (the oracle control only)."""
+    return run_with_stats(cfg, actors, on_event, stop, leak_labels=leak_labels)[0]
 
 
-def run_with_stats(cfg: RunConfig, actors: Actors, on_event=None,
-                   stop: StopFlag | None = None) -> tuple[list[RoundSummary], list[dict]]:
+def run_with_stats(cfg: RunConfig, actors: Actors, on_event=None, stop: StopFlag | None = None, *,
+                   leak_labels: bool = False) -> tuple[list[RoundSummary], list[dict]]:
     """:func:`run`, plus each live SAM actor's counters (``SamWorker.stats``: encoder/decoder calls, cache
     hits, seconds), read before the actors are shut down (tests and benchmarks count these)."""
-    coordinator = Coordinator(cfg, actors, on_event, stop)
+    coordinator = Coordinator(cfg, actors, on_event, stop, leak_labels)
     try:
         summaries = coordinator.run()
         return summaries, coordinator.worker_stats()

@@ -137,9 +137,12 @@ def specialist_view(model: UNet, image: np.ndarray, cfg: RunConfig, device: torc
 
 
 def plan_slices(view: SpecialistView, image: np.ndarray, cfg: RunConfig, case_id: str, round_index: int,
-                class_ids: list[int], prompted_ids: list[int]) -> list[SliceWork]:
+                class_ids: list[int], prompted_ids: list[int], prompt_maps: np.ndarray | None = None) -> list[SliceWork]:
     """Step 2: the prompt sets of every slice, from the prediction only (no label is an input). Constant
-    slices (no anatomy) get none, whatever the specialist predicts there."""
+    slices (no anatomy) get none, whatever the specialist predicts there. ``prompt_maps`` uint8 (S, H, W):
+    the maps prompts are made from instead of the prediction: only the oracle control
+    (:mod:`pipeline.oracle`) gives them, the case's labels."""
+    maps = view.labels if prompt_maps is None else prompt_maps
     rng = case_rng(cfg.seed, round_index, case_id)
     perturb_rng = case_rng(cfg.seed, round_index, case_id, stream=1)
     blank = constant_slices(image, cfg.data.slice_axis)
@@ -147,7 +150,7 @@ def plan_slices(view: SpecialistView, image: np.ndarray, cfg: RunConfig, case_id
     out = []
     for s in range(len(view.slices)):
         members = ([[] for _ in range(n)] if not prompted_ids or blank[s] else ensemble_prompts(
-            view.labels[s], None if view.probs is None else view.probs[:, s], prompted_ids, cfg.prompts, rng,
+            maps[s], None if view.probs is None else view.probs[:, s], prompted_ids, cfg.prompts, rng,
             perturb_rng, view.logits[:, s] if cfg.prompts.use_mask_prompt else None))
         out.append(SliceWork(s, members, compose(view.labels[s], np.zeros_like(view.labels[s]), prompted_ids),
                              np.full(len(class_ids), np.nan, np.float32),
@@ -212,16 +215,19 @@ def manifest_row(w: SliceWork, specialist: np.ndarray, class_ids: list[int], cac
 def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Generalist,
                  cache: EmbeddingCache | None, cfg: RunConfig, class_ids: list[int], round_index: int,
                  checkpoint_version: int, device: torch.device,
-                 sources: dict[int, str] | None = None, checkpoint_sha256: str = "") -> CaseRelabel:
+                 sources: dict[int, str] | None = None, checkpoint_sha256: str = "",
+                 oracle_labels: np.ndarray | None = None) -> CaseRelabel:
     """Relabel one case. image float32 (X, Y, Z), normalised as in training.
 
     ``sources`` (class id -> ``generalist``/``specialist``, :mod:`pipeline.class_source`; None: every class
     from the generalist): only generalist-sourced classes are prompted; each member's label map is the
     specialist's map with those classes replaced by the generalist's masks (:func:`compose`).
-    ``checkpoint_version``/``checkpoint_sha256``: the specialist's checkpoint, recorded in every row."""
+    ``checkpoint_version``/``checkpoint_sha256``: the specialist's checkpoint, recorded in every row.
+    ``oracle_labels`` uint8 (S, H, W), slice-first: the case's labels, which prompts are then made from: the
+    oracle control only (:mod:`pipeline.oracle`); None on every real run."""
     prompted_ids = generalist_classes(sources, class_ids)
     view = specialist_view(model, image, cfg, device)
-    work = plan_slices(view, image, cfg, case_id, round_index, class_ids, prompted_ids)
+    work = plan_slices(view, image, cfg, case_id, round_index, class_ids, prompted_ids, oracle_labels)
     embeddings, cached = embed_prompted(work, view.slices, case_id, generalist, cache)
     for w in work:
         if w.prompted:
@@ -229,6 +235,7 @@ def relabel_case(case_id: str, image: np.ndarray, model: UNet, generalist: Gener
                          cfg.generalist.overlap)
     meta = {"round": round_index, "case_id": case_id, "checkpoint_version": checkpoint_version,
             "checkpoint_sha256": checkpoint_sha256, "generalist": generalist.name,
+            "decoder_sha256": getattr(generalist, "decoder_sha256", ""),
             "class_source": as_json(sources if sources is not None else {c: "generalist" for c in class_ids})}
     rows = [manifest_row(w, view.labels[w.index], class_ids, w.index in cached, meta) for w in work]
     uncertainty = np.stack([w.uncertainty for w in work]) if cfg.prompts.ensemble > 1 else None

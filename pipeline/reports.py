@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import StoreError
+from pipeline.oracle import banner as oracle_banner
 from pipeline.round_summary import relabel_stats
 from pipeline.run_folder import RunFolder
 from pipeline.storage import read_table
@@ -69,9 +70,11 @@ def _cached_text(prompted: pd.DataFrame) -> str:
 
 def inspect_table(store_root: Path) -> str:
     df = inspect_frame(store_root)
+    mark = oracle_banner(RunFolder.of_store(store_root))
+    head = f"{mark}\n" if mark else ""
     if df.empty:
-        return f"{store_root}: no rounds yet"
-    return df.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+        return f"{head}{store_root}: no rounds yet"
+    return head + df.to_string(index=False, float_format=lambda x: f"{x:.4f}")
 
 
 def write_overlays(store_root, out_dir: Path, num_slices: int = 6, round_index: int | None = None,

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pipeline.checkpoint import checksum_path, load_checkpoint
 from pipeline.config import RunConfig, config_differences
 from pipeline.errors import ConfigError, StoreError
+from pipeline.generalist.adapt import decoder_sha
 from pipeline.round_summary import RoundSummary
 from pipeline.run_folder import RunFolder
 from pipeline.storage import Location, read_table, sha256_hex
@@ -89,9 +90,12 @@ def broken_link(folder: RunFolder, state: dict, store: PseudoLabelStore | None, 
             return f"its test table {eval_loc.name} was computed with another checkpoint than checkpoint {r}"
     if r > 0 and store is not None:
         want = state["checkpoints"].get(str(r - 1))
-        made_by = set(store.manifest(r)["checkpoint_sha256"]) - {""}
+        manifest = store.manifest(r)
+        made_by = set(manifest["checkpoint_sha256"]) - {""}
         if want and made_by - {want}:
             return f"its pseudo-labels were made by another checkpoint {r - 1} than {RunFolder.STATE} records"
+        if set(manifest["decoder_sha256"]) - {"", decoder_sha(state)}:
+            return f"its pseudo-labels were made by another adapted decoder than {RunFolder.STATE} records"
     return None
 
 
@@ -130,6 +134,10 @@ def invalid_cases(store: PseudoLabelStore, state: dict, r: int) -> set[str]:
     other = m[(sha != "") & (sha != want)] if want else m.iloc[:0]
     bad = {c: f"made by checkpoint {r - 1} with SHA-256 {s[:12]}..., now {want[:12]}..."
            for c, s in zip(other["case_id"], other["checkpoint_sha256"], strict=True)}
+    dec = m["decoder_sha256"].astype(str)
+    stale = m[(dec != "") & (dec != decoder_sha(state))]
+    bad.update({c: f"made by another adapted decoder ({s[:12]}...)"
+                for c, s in zip(stale["case_id"], stale["decoder_sha256"], strict=True)})
     present = store.case_status(r)
     bad.update({c: "arrays missing" for c in done - set(bad) if not present.get(c, False)})
     bad.update(store.damaged_cases(r, sorted(done - set(bad))))

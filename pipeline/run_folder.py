@@ -8,6 +8,7 @@ Layout (``output_dir/name``; a local path or an fsspec URL, see :mod:`pipeline.s
     checkpoints/         ckpt_NNNN.pt (+ .sha256), one per round
     pseudo_labels/       the store (masks.zarr + manifest/), see :mod:`pipeline.store`
     embeddings.zarr/     the embedding cache (unless ``generalist.cache_dir`` names a shared one)
+    generalist/          adapted_decoder.pt: the adapted generalist's decoder (``generalist.adapt``)
     eval/ audit/ selection/   round_NNN.parquet per round: test metrics, pseudo-label audit, class sources
     eval/val_round_NNN.parquet   validation metrics per round (runs with a validation split)
     tb/                  TensorBoard events (:mod:`pipeline.events`)
@@ -82,6 +83,11 @@ class RunFolder:
     @property
     def embeddings(self) -> Location:
         return self.root / "embeddings.zarr"
+
+    @property
+    def adapted_decoder(self) -> Location:
+        """``generalist/adapted_decoder.pt``: the decoder fitted by ``generalist.adapt`` (SHA-256 in state.json)."""
+        return self.root / "generalist" / "adapted_decoder.pt"
 
     @property
     def events(self) -> Location:

@@ -6,7 +6,8 @@ Layout (declared here once; ``STORE_FORMAT`` is bumped on any change)::
       masks.zarr/                          group attrs: format, class_ids, slice_axis
         round_001/                         group attrs: round, checkpoint_version, generalist
           <case_id>/                       group attrs: case_id, round, checkpoint_version, generalist,
-                                           slice_axis, volume_shape, written_at
+                                           decoder_sha256, slice_axis, volume_shape, prompt_source
+                                           (oracle_labels_LEAK: pipeline.oracle), written_at
             pseudo_label   uint8  (S, H, W)   the generalist's label map (0 = background), one chunk
             specialist     uint8  (S, H, W)   the specialist's argmax that prompted it
             scores         float32 (S, K)     generalist score per slice and foreground class (NaN: not prompted)
@@ -68,6 +69,8 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "checkpoint_version": "int32",
     "checkpoint_sha256": "object",  # SHA-256 of that checkpoint ("": written before it was recorded)
     "generalist": "object",
+    "decoder_sha256": "object",     # SHA-256 of the adapted decoder file (generalist.adapt); "": the
+                                    # generalist checkpoint's own decoder
     "num_prompts": "int32",
     "prompts": "object",            # JSON: [{class_id, points_xy, point_labels, box_xyxy, mask_prompt}]
     "score_mean": "float64",        # mean generalist score over prompted classes (NaN: no prompt)
@@ -86,7 +89,7 @@ MANIFEST_COLUMNS: dict[str, str] = {
 }
 OPTIONAL_COLUMNS: dict[str, object] = {"ensemble": 1, "ensemble_prompts": "[]", "uncertain_fraction": float("nan"),
                                        "fg_uncertainty": float("nan"), "class_source": "{}",
-                                       "checkpoint_sha256": ""}
+                                       "checkpoint_sha256": "", "decoder_sha256": ""}
 """Columns added after format 2 was first written, with the value older parts stand for (one prompt set)."""
 DERIVED_COLUMNS: dict[str, str] = {"trained_in_round": "round"}
 """Optional columns whose missing value is another column's (masks used by their own round's training)."""

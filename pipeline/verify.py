@@ -21,9 +21,11 @@ import yaml
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import SemisamError
+from pipeline.generalist.adapt import decoder_sha
+from pipeline.oracle import banner as oracle_banner
 from pipeline.run_folder import RunFolder
 from pipeline.run_lock import read_lock
-from pipeline.storage import Location, read_table
+from pipeline.storage import Location, file_sha256, read_table
 from pipeline.store import PseudoLabelStore, read_part, round_key
 
 
@@ -37,8 +39,12 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    oracle: str | None = None
+    """:data:`pipeline.oracle.BANNER` when the folder holds an oracle run (printed first)."""
+
     def text(self) -> str:
-        lines = [f"{self.run_dir}: " + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
+        lines = [self.oracle] if self.oracle else []
+        lines += [f"{self.run_dir}: " + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
         lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -57,6 +63,7 @@ def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
     if missing:
         rep.problems.append(missing)
         return rep
+    rep.oracle = oracle_banner(folder)
     cfg = None
     try:
         cfg = folder.load_config()
@@ -67,7 +74,8 @@ def verify_run(run_dir: str | os.PathLike | Location) -> VerifyReport:
     rep.notes.append(f"completed rounds: {completed or 'none'}")
     checkpoints = state.get("checkpoints", {})
     _check_checkpoints(folder, completed, checkpoints, rep)
-    _check_store(folder, cfg, completed, checkpoints, rep)
+    _check_adapted_decoder(folder, state, rep)
+    _check_store(folder, cfg, completed, checkpoints, rep, decoder_sha(state))
     _check_tables(folder, completed, checkpoints, rep)
     lock = read_lock(loc)
     if lock:
@@ -163,7 +171,24 @@ def _expected_unlabeled(cfg, rep: VerifyReport) -> set[str] | None:
         return None
 
 
-def _check_store(folder: RunFolder, cfg, completed: list[int], checkpoints: dict, rep: VerifyReport) -> None:
+def _check_adapted_decoder(folder: RunFolder, state: dict, rep: VerifyReport) -> None:
+    """The adapted decoder state.json records (``generalist.adapt``) is there with its SHA-256."""
+    sha = decoder_sha(state)
+    if not sha:
+        return
+    loc = folder.adapted_decoder
+    if not loc.is_file():
+        rep.problems.append(f"{loc} is missing (state.json records adapted decoder {sha[:12]}...); a rerun fits "
+                            "it again and redoes the rounds made with it")
+    elif file_sha256(loc) != sha:
+        rep.problems.append(f"{loc} has other bytes than the adapted decoder {sha[:12]}... state.json records; a "
+                            "rerun fits it again and redoes the rounds made with it")
+    else:
+        rep.notes.append(f"adapted decoder {sha[:12]}... (generalist.adapt)")
+
+
+def _check_store(folder: RunFolder, cfg, completed: list[int], checkpoints: dict, rep: VerifyReport,
+                 decoder: str = "") -> None:
     if not (folder.pseudo_labels / "masks.zarr" / "zarr.json").exists():
         rep.notes.append("no pseudo-label store")
         return
@@ -178,6 +203,12 @@ def _check_store(folder: RunFolder, cfg, completed: list[int], checkpoints: dict
                          f"safe to delete): {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}")
     m = _manifest_with_parts(store, rep)
     expected = _expected_unlabeled(cfg, rep)
+    if "decoder_sha256" in m:
+        dec = m["decoder_sha256"].fillna("").astype(str)
+        for r, c in sorted(set(zip(m.loc[(dec != "") & (dec != decoder), "round"],
+                                   m.loc[(dec != "") & (dec != decoder), "case_id"], strict=True))):
+            rep.problems.append(f"round {r} case {c} was made by another adapted decoder than the one "
+                                f"{RunFolder.STATE} records; a rerun of `semisam run` relabels it")
     for r in store.rounds():
         _check_store_round(store, r, m.loc[m["round"] == r], r in completed, checkpoints.get(str(r - 1)),
                            expected, rep)

@@ -39,14 +39,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = None
     try:
         from pipeline.config import load_config
+        from pipeline.oracle import BANNER, check_unlocked, is_oracle
 
         cfg = load_config(args.config, args.overrides)
+        check_unlocked(cfg, args.leak_labels)  # before anything starts (the coordinator checks again)
         stop.check()
         from pipeline.reports import rounds_table
         from semisam.launch import run
 
         stop.check()
-        summaries = run(cfg, stop=stop)
+        summaries = run(cfg, stop=stop, leak_labels=args.leak_labels)
         stop.check()  # a signal during the shutdown of a finished run: the run is whole, but say so
     except Interrupted as e:
         log.warning("%s (run folder %s)", e, cfg.run_dir if cfg is not None else "not opened yet")
@@ -55,6 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         signum = stop.signum or signal.SIGINT
         log.warning("%s", Interrupted(signum).args[0].replace("interrupted by", "stopped at once by a second"))
         return exit_code(signum)
+    if is_oracle(cfg):
+        _out(BANNER)
     _out(f"run folder: {cfg.run_dir}")
     _out(rounds_table(summaries))
     return 0
@@ -82,8 +86,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.oracle import banner
     from pipeline.reports import eval_table
+    from pipeline.run_folder import RunFolder
 
+    mark = banner(RunFolder(args.run))
+    if mark:  # an oracle run (prompts from labels) is never shown without saying so
+        _out(mark)
     _out(eval_table(args.run))
     if args.png:
         from pipeline.eval_plots import write_eval_plots
@@ -154,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run or resume a run")
     r.add_argument("config", help="YAML config, e.g. conf/demo.yaml")
     r.add_argument("overrides", nargs="*", help="dotted overrides such as train.iterations=200")
+    r.add_argument("--i-know-this-leaks-labels", dest="leak_labels", action="store_true",
+                   help="allow prompts.source: oracle_labels_LEAK (prompts from the unlabeled cases' labels: a "
+                   "ceiling for benchmarks, never a result); the run is marked as an oracle run everywhere")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="summarise a pseudo-label store")

@@ -23,10 +23,11 @@ def make_coordinator(cfg: RunConfig, on_event=None) -> coordinator.Coordinator:
     return coordinator.Coordinator(cfg, ACTORS, on_event)
 
 
-def run(cfg: RunConfig, on_event=None, stop=None) -> list[RoundSummary]:
+def run(cfg: RunConfig, on_event=None, stop=None, *, leak_labels: bool = False) -> list[RoundSummary]:
     """Run (or resume) a whole run with :data:`ACTORS`; a local Ray cluster is started if none is reachable.
-    ``stop``: a :class:`pipeline.interrupt.StopFlag` the caller installed (the CLI, before any import)."""
-    return coordinator.run(cfg, ACTORS, on_event, stop)
+    ``stop``: a :class:`pipeline.interrupt.StopFlag` the caller installed (the CLI, before any import);
+    ``leak_labels``: unlocks the oracle control (:mod:`pipeline.oracle`), benchmarks only."""
+    return coordinator.run(cfg, ACTORS, on_event, stop, leak_labels=leak_labels)
 
 
 def run_with_stats(cfg: RunConfig, on_event=None) -> tuple[list[RoundSummary], list[dict]]:

@@ -1,8 +1,10 @@
 """A SAM inference actor: loads checkpoint N of the specialist, relabels whole cases, writes masks.
 
-It holds the generalist (loaded once, in ``__init__``) and the embedding cache. It reads images only:
-it never opens a label file. Each call handles whole cases and writes each case's arrays itself, so no
-two actors ever write the same chunk; manifest rows go back to the coordinator, the manifest's one writer.
+It holds the generalist (loaded once, in ``__init__``) and the embedding cache. Relabeling reads images
+only: it never opens a label file. The one exception is ``fit_adapted`` (``generalist.adapt``), called once
+per run on one actor, which reads the labels of the *labeled training cases* (``split.labeled``) and no
+other. Each call handles whole cases and writes each case's arrays itself, so no two actors ever write the
+same chunk; manifest rows go back to the coordinator, the manifest's one writer.
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import ray
 import torch
 
-from pipeline.data.dataset import load_image, read_data
+from pipeline.data.dataset import load_image, load_label, read_data
+from pipeline.data.splits import resolve_split
 from pipeline.errors import StoreError
+from pipeline.generalist import adapt
 from pipeline.generalist.cache import EmbeddingCache
 from pipeline.generalist.encoder_runtime import EncoderBackendChanged
 from pipeline.generalist.factory import embedding_cache, make_generalist
+from pipeline.generalist.sam import checkpoint_sha256
 from pipeline.models.unet import build_model
+from pipeline.oracle import check_unlocked, is_oracle
 from pipeline.relabel import relabel_case
 from pipeline.run_folder import RunFolder
 from pipeline.run_lock import check_sees_run_folder
@@ -29,8 +36,12 @@ log = logging.getLogger(__name__)
 
 
 class SamWorker:
-    def __init__(self, cfg_dict: dict, worker_index: int = 0):
+    def __init__(self, cfg_dict: dict, worker_index: int = 0, leak_labels: bool = False):
+        """``leak_labels``: unlocks an oracle config (``prompts.source: oracle_labels_LEAK``, see
+        :mod:`pipeline.oracle`), which is refused without it."""
         self.cfg, self.device = start_worker(cfg_dict, "sam")
+        check_unlocked(self.cfg, leak_labels, f"SAM worker {worker_index}")
+        self.oracle = is_oracle(self.cfg)
         self.index = worker_index
         self.info = read_data(self.cfg.data)
         self.class_ids = self.info.foreground_classes
@@ -80,8 +91,41 @@ class SamWorker:
         self.version, self.sha = version, sha
         return self.version
 
+    def fit_adapted(self) -> dict:
+        """Fit the adapted decoder (``generalist.adapt``, :mod:`pipeline.generalist.adapt`) on the labeled
+        training cases, their embeddings through the embedding cache; write it to the run folder
+        (``generalist/adapted_decoder.pt``) and decode with it from now on. Returns {"sha256", "stats"}.
+        Only ``split.labeled``'s labels are opened (unlabeled and test labels never)."""
+        cfg, axis = self.cfg.generalist.adapt, self.cfg.data.slice_axis
+        if self.generalist.decoder_sha256 or self.generalist.class_tokens is not None:
+            self.generalist = make_generalist(self.cfg.generalist, self.device)  # fit from the checkpoint's own
+        items: list[adapt.AdaptSlice] = []
+        for case_id in resolve_split(self.cfg.data, self.info).labeled:
+            image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
+            labels = np.moveaxis(load_label(self.info, case_id), axis, 0)
+            slices = np.ascontiguousarray(np.moveaxis(image, axis, 0))
+            wanted = adapt.slices_to_embed(labels, self.class_ids, cfg.min_pixels)
+            if self.cache is not None:
+                embeddings, _ = self.cache.get(case_id, slices, wanted, self.generalist.embed)
+            else:
+                embeddings = dict(zip(wanted, self.generalist.embed(slices[wanted]), strict=True)) if wanted else {}
+            items += adapt.adapt_slices(embeddings, labels, self.class_ids, cfg.min_pixels)
+        fitted = adapt.fit_decoder(self.generalist, items, self.class_ids, cfg, self.cfg.seed)
+        sha = adapt.save_adapted(RunFolder(self.cfg.run_dir).adapted_decoder, fitted, cfg,
+                                 checkpoint_sha256(self.generalist.cfg))
+        self.generalist.decoder_sha256 = sha
+        log.info("SAM worker %d: adapted decoder %s... fitted on %d labeled slices in %.0f s", self.index, sha[:12],
+                 fitted["stats"]["slices"], fitted["stats"]["seconds"])
+        return {"sha256": sha, "stats": fitted["stats"]}
+
+    def use_decoder(self, sha: str) -> None:
+        """Decode with the run's adapted decoder of SHA-256 ``sha`` (read from the run folder, checked)."""
+        if sha != getattr(self.generalist, "decoder_sha256", ""):
+            payload = adapt.read_adapted(RunFolder(self.cfg.run_dir).adapted_decoder, expect_sha256=sha)
+            self.generalist.use_adapted(payload, sha)
+
     def relabel(self, case_ids: list[str], round_index: int, version: int, model_args: dict, weights_box: list,
-                sources: dict[int, str] | None = None, sha: str = "") -> dict:
+                sources: dict[int, str] | None = None, sha: str = "", decoder_sha: str = "") -> dict:
         """Relabel cases with checkpoint ``version`` (SHA-256 ``sha``), write their masks, return their
         manifest rows.
 
@@ -90,9 +134,12 @@ class SamWorker:
         number: the SHA-256 decides, not the number). A case that raises is reported in ``failed``
         ({case_id: cause}) and the others go on: {"rows": [...], "failed": {...}}. ``sources``: the
         round's class sources (``pipeline.class_source``; None: the generalist for every class).
+        ``decoder_sha``: the run's adapted decoder (``generalist.adapt``; "": the checkpoint's own).
         """
         if (version, sha) != (self.version, self.sha):
             self.load_specialist(version, model_args, ray.get(weights_box[0]), sha)
+        if decoder_sha:
+            self.use_decoder(decoder_sha)
         start = time.perf_counter()
         rows: list[dict] = []
         failed: dict[str, str] = {}
@@ -111,11 +158,14 @@ class SamWorker:
 
     def _relabel_case(self, case_id: str, round_index: int, sources: dict[int, str] | None) -> list[dict]:
         image, _ = load_image(self.info, case_id, self.cfg.data.normalization)
+        # the oracle control only (unlocked by name, pipeline.oracle): prompts from this case's label
+        oracle = np.moveaxis(load_label(self.info, case_id), self.cfg.data.slice_axis, 0) if self.oracle else None
 
         def run():
             with torch.inference_mode():
                 return relabel_case(case_id, image, self.model, self.generalist, self.cache, self.cfg,
-                                    self.class_ids, round_index, self.version, self.device, sources, self.sha)
+                                    self.class_ids, round_index, self.version, self.device, sources, self.sha,
+                                    oracle_labels=oracle)
 
         try:
             out = run()
@@ -126,9 +176,11 @@ class SamWorker:
             "checkpoint_version": self.version,
             "checkpoint_sha256": self.sha,
             "generalist": self.generalist.name,
+            "decoder_sha256": getattr(self.generalist, "decoder_sha256", ""),
             "slice_axis": self.cfg.data.slice_axis,
             "volume_shape": list(image.shape),
             "ensemble": self.cfg.prompts.ensemble,
+            "prompt_source": self.cfg.prompts.source,
         }, uncertainty=out.uncertainty)
         return out.rows
 

@@ -22,6 +22,7 @@ from pipeline.data.validate import warn_constant_images
 from pipeline.errors import WorkerError
 from pipeline.evaluation import EvalVolume, evaluate_model
 from pipeline.events import EventLog
+from pipeline.generalist.adapt import read_adapted
 from pipeline.generalist.factory import embedding_cache, make_generalist
 from pipeline.relabel import relabel_case
 from pipeline.run_folder import RunFolder
@@ -160,14 +161,18 @@ class TrainerWorker:
         write_table(df, folder.table("eval", round_index) if part == "test" else folder.val_table(round_index))
         return df
 
-    def select_sources(self, round_index: int, case_ids: list[str]) -> pd.DataFrame:
+    def select_sources(self, round_index: int, case_ids: list[str], decoder_sha: str = "") -> pd.DataFrame:
         """Score the generalist (every class prompted, as in relabeling) and the specialist (the current
         student, i.e. the checkpoint the round relabels with) against the labels of the held-out
         ``case_ids``: one row per (case, class), ``pipeline.class_source.selection_table``. The trainer
-        does it because it is the actor that reads labels; the SAM actors never do."""
+        does it because it is the actor that reads labels; the SAM actors never do. ``decoder_sha``: the
+        run's adapted decoder (``generalist.adapt``), which the generalist then decodes with."""
         if self._generalist is None:
             self._generalist = make_generalist(self.cfg.generalist, self.device)
             self._cache = embedding_cache(self.cfg, self._generalist)
+        if decoder_sha and decoder_sha != self._generalist.decoder_sha256:
+            payload = read_adapted(RunFolder(self.cfg.run_dir).adapted_decoder, expect_sha256=decoder_sha)
+            self._generalist.use_adapted(payload, decoder_sha)
         rows: list[dict] = []
         norm, axis = self.cfg.data.normalization, self.cfg.data.slice_axis
         for case_id in case_ids:

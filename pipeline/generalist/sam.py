@@ -284,6 +284,8 @@ class SamGeneralist:
         self.image_size = sam.image_encoder.img_size
         self.encoder_calls = 0  # images through the image encoder (benchmarks count these)
         self.decoder_calls = 0  # prompts through the mask decoder
+        self.decoder_sha256 = ""  # the adapted decoder's file SHA-256 ("": the checkpoint's own decoder)
+        self.class_tokens: torch.nn.Module | None = None  # the adapted decoder's class tokens, if any
 
     # -- frames ------------------------------------------------------------------------------------
     def input_size(self, slice_shape: tuple[int, int]) -> tuple[int, int]:
@@ -298,6 +300,36 @@ class SamGeneralist:
         h, w = slice_shape
         ih, iw = self.input_size(slice_shape)
         return np.array([iw / w, ih / h], dtype=np.float32)
+
+    def boxes_in_input_frame(self, boxes_xyxy: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Boxes float (P, 4) ``XYXY`` inclusive pixels of the slice -> float32 (P, 4) continuous
+        coordinates of the encoder input (what the prompt encoder takes)."""
+        b = np.array(boxes_xyxy, np.float32).reshape(-1, 4)
+        b[:, 2:] += 1.0  # inclusive pixel box -> continuous extent
+        return b * np.tile(self._scale_xy(slice_shape), 2)
+
+    def use_adapted(self, payload: dict, sha256: str) -> None:
+        """Decode with an adapted decoder (``pipeline.generalist.adapt.read_adapted``'s payload; its file's
+        SHA-256 ``sha256`` is recorded with every mask). It must have been fitted on this very checkpoint."""
+        from pipeline.generalist.adapt import ClassTokens
+
+        base = checkpoint_sha256(self.cfg)
+        if payload["base_checkpoint_sha256"] != base:
+            raise CheckpointError(f"the adapted decoder {sha256[:16]}... was fitted on the SAM checkpoint "
+                                  f"{payload['base_checkpoint_sha256'][:16]}..., not on this one ({base[:16]}...)")
+        state = payload["state"]
+        for part in ("mask_decoder", "prompt_encoder"):
+            sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
+            if sub:
+                getattr(self.sam, part).load_state_dict(sub)
+        tokens = state.get("class_tokens.embed.weight")
+        self.class_tokens = None
+        if tokens is not None:
+            self.class_tokens = ClassTokens(tokens.shape[0], tokens.shape[1])
+            self.class_tokens.embed.weight.data.copy_(tokens)
+            self.class_tokens = self.class_tokens.to(self.device).eval()
+        self.sam.eval()
+        self.decoder_sha256 = sha256
 
     # -- the costly step ---------------------------------------------------------------------------
     def preprocess(self, slices: np.ndarray) -> torch.Tensor:
@@ -356,13 +388,15 @@ class SamGeneralist:
             points = (torch.from_numpy(pts).to(self.device), torch.from_numpy(lab).to(self.device))
         boxes = None
         if all(p.box_xyxy is not None for p in prompts):
-            b = np.stack([np.asarray(p.box_xyxy, np.float32) for p in prompts])
-            b[:, 2:] += 1.0  # inclusive pixel box -> continuous extent
-            boxes = torch.from_numpy(b * np.tile(scale, 2)).to(self.device)
+            b = self.boxes_in_input_frame(np.stack([p.box_xyxy for p in prompts]), slice_shape)
+            boxes = torch.from_numpy(b).to(self.device)
         masks_in = None
         if all(p.mask_logits is not None for p in prompts):
             masks_in = self._mask_prompt(np.stack([p.mask_logits for p in prompts]), slice_shape)
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
+        if self.class_tokens is not None:  # an adapted decoder is told each prompt's class
+            ids = torch.tensor([p.class_id for p in prompts], dtype=torch.int64, device=self.device)
+            sparse = self.class_tokens(sparse, ids)
         emb = torch.from_numpy(np.asarray(embedding, np.float32))[None].to(self.device)
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=emb, image_pe=self.sam.prompt_encoder.get_dense_pe(),
