@@ -277,7 +277,8 @@ class TrainConfig(_Strict):
     """2D U-Net in the channels_last memory format. auto: on CUDA only (slower on the CPUs measured with
     ``python -m benchmarks.trainer_speed``)."""
     compile: Literal["auto"] | bool = "auto"
-    """``torch.compile`` the student's and teacher's forward (and so backward) passes. auto: on. The first
+    """``torch.compile`` the student's and teacher's forward (and so backward) passes. auto: on CUDA for large
+    rounds; eager on a CPU, where it measured no real gain (docs/benchmarks.md, "Trainer speed"). The first
     step of a process pays the compile; a compile failure falls back to eager with one warning."""
     prefetch_batches: int = Field(default=2, ge=0)
     """Training batches built ahead in a background thread (crops, augmentation) while the network trains
