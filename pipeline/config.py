@@ -405,9 +405,10 @@ class SamConfig(_Strict):
     speed on a CPU"."""
     encoder_backend: Literal["auto", "eager", "compile", "openvino"] = "auto"
     """How the image encoder runs. eager: plain PyTorch. compile: ``torch.compile`` (inductor, weights
-    frozen into the graph; needs a C++ compiler on a CPU; compiles once per process, 10-60 s, and falls back
-    to eager with a warning if compiling fails). auto: compile on a CPU for every variant but tiny (the
-    test model, where compiling costs more than it saves), eager on CUDA. Why: docs/benchmarks.md, "The
+    frozen into the graph; needs a C++ compiler on a CPU; compiles once per process and falls back to eager
+    with a warning if compiling fails). openvino: OpenVINO's CPU runtime (the optional extra
+    ``pip install -e ".[openvino]"``; converted once per process). auto: on a CPU openvino where installed,
+    else compile (tiny, the test model, stays eager); eager on CUDA. Why: docs/benchmarks.md, "The
     generalist's speed on a CPU"."""
 
     @model_validator(mode="after")

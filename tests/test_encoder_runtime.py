@@ -48,9 +48,14 @@ def test_the_new_fields_validate():
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_resolves_per_device_and_variant(monkeypatch, native_bf16):
     monkeypatch.setattr(encoder_runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(encoder_runtime, "openvino_available", lambda: False)
     lite = SamConfig(variant="lite_medsam")
     on_cpu = resolve_sam_config(lite, CPU)
     assert (on_cpu.precision, on_cpu.encoder_backend) == ("bf16" if native_bf16 else "fp32", "compile")
+    monkeypatch.setattr(encoder_runtime, "openvino_available", lambda: True)
+    assert resolve_sam_config(lite, CPU).encoder_backend == "openvino"  # the optional extra, where installed
+    assert resolve_sam_config(lite, CUDA).encoder_backend == "eager"
+    monkeypatch.setattr(encoder_runtime, "openvino_available", lambda: False)
     on_cuda = resolve_sam_config(lite, CUDA)
     assert (on_cuda.precision, on_cuda.encoder_backend) == ("fp32", "eager")  # CUDA: as before issue 19
     tiny = resolve_sam_config(SamConfig(variant="tiny"), CPU)

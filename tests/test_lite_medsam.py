@@ -93,8 +93,11 @@ def test_packaged_weights_are_pinned_and_load_into_segment_anything_classes(lite
     for m in attn:
         torch.testing.assert_close(m.ab, m.attention_biases[:, m.attention_bias_idxs])
     assert max(float(m.ab.abs().max()) for m in attn) > 0.5
-    # this CPU's default: compiled bf16 where the CPU has native bf16, compiled fp32 otherwise
-    assert lite.cfg.encoder_backend == "compile" and lite.cfg.precision in ("bf16", "fp32")
+    # this CPU's default: bf16 where the CPU has native bf16, fp32 otherwise; OpenVINO where installed
+    from pipeline.generalist.encoder_runtime import openvino_available
+
+    assert lite.cfg.encoder_backend == ("openvino" if openvino_available() else "compile")
+    assert lite.cfg.precision in ("bf16", "fp32")
 
 
 @pytest.mark.shared_data

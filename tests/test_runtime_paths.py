@@ -92,8 +92,12 @@ def test_the_trainer_logs_its_path(synthetic_root, tmp_path, caplog):
 # -- the encoder's path ----------------------------------------------------------------------------------
 def test_the_encoder_says_why(monkeypatch, caplog):
     monkeypatch.setattr(encoder_runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(encoder_runtime, "openvino_available", lambda: False)
     line = describe_choice(SamConfig(variant="lite_medsam"), CPU)
-    assert "compile fp32" in line and "no native bf16" in line
+    assert "compile fp32" in line and "no native bf16" in line and "[openvino]" in line
+    monkeypatch.setattr(encoder_runtime, "openvino_available", lambda: True)
+    assert "openvino fp32" in describe_choice(SamConfig(variant="lite_medsam"), CPU)
+    monkeypatch.setattr(encoder_runtime, "openvino_available", lambda: False)
     monkeypatch.setattr(encoder_runtime, "cpu_has_native_bf16", lambda: True)
     assert "compile bf16" in describe_choice(SamConfig(variant="lite_medsam"), CPU)
     monkeypatch.setattr(encoder_runtime, "cpu_has_native_bf16", lambda: False)

@@ -48,10 +48,14 @@ def resolve_precision(cfg: SamConfig, device: torch.device) -> str:
 
 
 def resolve_backend(cfg: SamConfig, device: torch.device) -> str:
-    """``cfg.encoder_backend`` with ``auto`` replaced: compile on a CPU (not for tiny), else eager."""
+    """``cfg.encoder_backend`` with ``auto`` replaced: on a CPU (not for tiny) OpenVINO where the optional
+    package is installed (1.6x compiled fp32 on an AVX2 EPYC, 1.5x compiled bf16 on a Zen 5:
+    docs/benchmarks.md, "The generalist's speed on a CPU"), else compile; eager on CUDA."""
     if cfg.encoder_backend != "auto":
         return cfg.encoder_backend
-    return "compile" if device.type == "cpu" and cfg.variant not in _STAYS_EAGER_FP32 else "eager"
+    if device.type != "cpu" or cfg.variant in _STAYS_EAGER_FP32:
+        return "eager"
+    return "openvino" if openvino_available() else "compile"
 
 
 def resolve_sam_config(cfg: SamConfig, device: torch.device) -> SamConfig:
@@ -76,7 +80,9 @@ def describe_choice(cfg: SamConfig, device: torch.device) -> str:
     else:
         why = "no native bf16 on this CPU (emulated bf16 is ~20x slower), so fp32"
     if cfg.encoder_backend == "auto" and resolved.encoder_backend == "compile":
-        why += "; compiled: fused ops, frozen weights"
+        why += "; compiled: fused ops, frozen weights (pip install -e '.[openvino]' is faster on CPUs)"
+    elif cfg.encoder_backend == "auto" and resolved.encoder_backend == "openvino":
+        why += "; OpenVINO is installed: its CPU runtime is the fastest path measured"
     return (f"SAM image encoder ({cfg.variant}) on {device}: {resolved.encoder_backend} {resolved.precision} "
             f"({why}; {hardware.describe().summary()})")
 
