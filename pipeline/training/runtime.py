@@ -115,7 +115,7 @@ def resolve_train_runtime(cfg: TrainConfig, model: ModelConfig, device: torch.de
             reasons.append("compiled: a large round repays the compile" if compiled
                            else "eager: a round this small does not repay compiling")
         else:
-            reasons.append("eager: compiling gained 3% on a CPU and costs minutes")
+            reasons.append("eager: compiling measured no real gain on a CPU and costs minutes")
     else:
         compiled = bool(cfg.compile)
     return TrainRuntime(device, precision, channels_last, compiled, "; ".join(reasons))
